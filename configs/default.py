@@ -1,0 +1,101 @@
+"""Default configuration: CIDer on MOSI (unaligned, 3-class) with the paper's hyper-parameters.
+
+Every other config imports this one and changes a few fields. Override any field on the
+command line, e.g. `--config.train.batch_size=64`.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  # ---------------------------------------------------------------- data
+  config.data = data = ml_collections.ConfigDict()
+  data.source = 'mmsa'          # 'mmsa': MMSA pickles under data.dir; 'synthetic': generated data
+  data.dir = ''                 # root holding CMU-MOSI/…, CMU-MOSEI/…, OOD_MOSI/…, MSA_cross_datasets/…
+  data.file = ''                # explicit pickle path (overrides the layout under data.dir)
+  data.dataset = 'mosi'         # 'mosi' or 'mosei' (for cross_dataset: the training source)
+  data.aligned = False          # word-aligned features (skips WSAM) or unaligned
+  data.setting = 'iid'          # 'iid', 'ood' (OOD repartition) or 'cross_dataset'
+  data.cache_dir = ''           # where generated data / TFDS records are cached ('' = <workdir>/data)
+  data.synthetic = synthetic = ml_collections.ConfigDict()
+  synthetic.seed = 0            # generated data is a pure function of this seed and the sizes
+  synthetic.n_train = 1200      # samples in the generated train split
+  synthetic.n_valid = 300       # samples in the generated validation split
+  synthetic.n_test = 300        # samples in the generated (shifted, OOD) test split
+  synthetic.text_len = 50       # token positions L (MOSI: 50)
+  synthetic.audio_len = 375     # audio frames (MOSI unaligned: 375)
+  synthetic.vision_len = 500    # vision frames (MOSI unaligned: 500)
+  synthetic.audio_dim = 5       # audio feature size (MOSI: 5)
+  synthetic.vision_dim = 20     # vision feature size (MOSI: 20)
+
+  # ---------------------------------------------------------------- task
+  config.task = 'binary'        # 'binary' (the 3-class neg/neutral/pos task) or 'seven'
+
+  # ---------------------------------------------------------------- model
+  config.model = model = ml_collections.ConfigDict()
+  model.text_encoder = ml_collections.ConfigDict()
+  model.text_encoder.path = 'pretrained/bert-base-uncased'  # HF folder: config.json, model.safetensors, vocab
+  model.text_encoder.num_layers = 0  # use only the first k encoder layers (0: all)
+  model.embed_dim = 32          # E, the width of everything after the text encoder
+  model.num_heads = 8           # MCT heads (must divide embed_dim)
+  model.layers = 3              # MCT layers
+  model.attn_dropout = 0.0      # dropout on the LAV attention weights
+  model.out_dropout = 0.3       # dropout inside the joint-representation residual MLP
+  model.embed_dropout = 0.2     # dropout after adding MCT positions
+  model.relu_dropout = 0.1      # dropout after the MCT feed-forward ReLU
+  model.res_dropout = 0.1       # dropout on each MCT residual branch
+  model.positions = 'time'      # 'time' (correct) or 'reference' (the original's batch-axis quirk)
+  model.cross_dataset = False   # parameter-free LayerNorms in the audio/vision MCM encoders
+  model.deterministic = False   # True turns every dropout off (equivalence tests)
+  model.dtype = 'float32'       # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
+
+  # ---------------------------------------------------------------- losses (REFERENCE §4)
+  config.loss = loss = ml_collections.ConfigDict()
+  loss.w_rep = 0.5              # weight of 1 - cos(z_student, z_teacher)
+  loss.w_attn = 0.1             # weight of KL(teacher scores || student scores), last MCT layer
+  loss.w_rec = 0.6              # weight of the three masked SmoothL1 reconstruction losses
+
+  # ---------------------------------------------------------------- optimiser (torch Adam parity)
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.bert_lr = 5e-5          # text-encoder learning rate
+  optim.bert_weight_decay = 1e-3  # L2 term added to text-encoder weight gradients (not biases/LN)
+  optim.lr = 1e-3               # learning rate of everything else
+  optim.b1 = 0.9                # Adam beta1
+  optim.b2 = 0.999              # Adam beta2
+  optim.eps = 1e-8              # Adam epsilon
+  optim.grad_clip = 0.0         # global-norm gradient clipping per update (0: off, as the original)
+
+  # ---------------------------------------------------------------- training
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 128        # global batch size (all devices together)
+  train.num_epochs = 200        # upper bound on epochs
+  train.patience = 10           # early stop after this many epochs without validation improvement
+  train.seed = 1111             # parameter init, data order, RMFM masks, dropout
+  train.max_steps = 0           # stop after this many steps (0: no limit)
+  train.log_every = 20          # steps between metrics.jsonl lines
+  train.accumulate_teacher_grad = True  # second update uses g_teacher + g_student (as the original)
+  train.counterfactual_metrics = False  # also compute debiased train accuracy inside the step
+  train.eval_batch_size = 256   # batch size for validation and evaluation
+  train.evaluate_at_end = True  # run the full evaluation on the best checkpoint after training
+
+  # ---------------------------------------------------------------- MACI (REFERENCE §5)
+  config.maci = maci = ml_collections.ConfigDict()
+  maci.top_k = 100              # number of bias words kept
+  maci.cv_threshold = 0.1       # coefficient of variation threshold for a bias word
+  maci.tau_grid = (0.0, 3.0, 0.1)  # counterfactual strength grid (start, stop inclusive, step)
+
+  # ---------------------------------------------------------------- evaluation
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.modes = ('RMFM', 'RMFM_same', 'RMM')  # missing modes evaluated (TMFM/STMFM: aligned only)
+  ev.rates = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # missing rates
+  ev.seed = 1111                # mask seed: every checkpoint sees the same masks
+  ev.valid_rate = 0.5           # RMFM rate of the masked validation run during training
+
+  # ---------------------------------------------------------------- multi-host
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.initialize = False  # call jax.distributed.initialize (Cloud TPU / multi-host)
+  config.distributed.coordinator_address = ''  # host:port ('' = from the environment)
+  config.distributed.num_processes = 0   # 0 = from the environment
+  config.distributed.process_id = -1     # -1 = from the environment
+  return config

