@@ -1,0 +1,152 @@
+"""The CIDer model (REFERENCE §2): one pure `apply` serves the teacher, student and
+counterfactual passes; they differ only in their inputs.
+
+  model = CIDer(...)
+  out = model.apply(variables, inputs, cls_feats, cls_probs, deterministic=True, reconstruct=False)
+
+`inputs` is a flat dict: text_ids, text_mask, text_segments (B, L); audio (B, La, Da),
+audio_mask (B, La); vision (B, Lv, Dv), vision_mask (B, Lv). Returned dict:
+  logp (B, C) log-probabilities, joint_rep (B, 3E), scores (B, H, 3L, 3L) raw scaled scores of
+  the last MCT layer, text_hidden (B, L, Dl) encoder output; with reconstruct=True also
+  text_recon (B, L, Dl), audio_recon (B, La, Da), vision_recon (B, Lv, Dv).
+"""
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cider_jax.models.bert import BertConfig, BertEncoder
+from cider_jax.models.mcm import MCM, AttentionPool, JointRep
+from cider_jax.models.mct import MCT
+from cider_jax.models.wsam import WSAM, wsam_mask
+
+
+class GRU(nn.Module):
+  """One-layer GRU over all steps, torch gate layout r|z|n, separate input/hidden biases."""
+  hidden: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    """x (B, T, E) → outputs (B, T, hidden); initial state zero."""
+    H = self.hidden
+    bound = H ** -0.5
+    init = lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound)
+    w_ih = self.param('w_ih', init, (x.shape[-1], 3 * H))
+    w_hh = self.param('w_hh', init, (H, 3 * H))
+    b_ih = self.param('b_ih', init, (3 * H,))
+    b_hh = self.param('b_hh', init, (3 * H,))
+    gx = (jnp.einsum('bte,eg->btg', x.astype(self.dtype), w_ih.astype(self.dtype))
+          .astype(jnp.float32) + b_ih)
+
+    def step(h, g):
+      gh = jnp.dot(h.astype(self.dtype), w_hh.astype(self.dtype)).astype(jnp.float32) + b_hh
+      r = jax.nn.sigmoid(g[:, :H] + gh[:, :H])
+      z = jax.nn.sigmoid(g[:, H:2 * H] + gh[:, H:2 * H])
+      n = jnp.tanh(g[:, 2 * H:] + r * gh[:, 2 * H:])
+      h = (1.0 - z) * n + z * h
+      return h, h
+
+    h0 = jnp.zeros((x.shape[0], H), jnp.float32)
+    _, hs = jax.lax.scan(step, h0, jnp.swapaxes(gx, 0, 1))
+    return jnp.swapaxes(hs, 0, 1)
+
+
+class SequenceDecoder(nn.Module):
+  """Reconstruction of a (B, Lo, Do) sequence from (B, L, E): Linear(L → Lo) along time, ReLU,
+  then Linear(E → Do)."""
+  out_len: int
+  out_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, h):
+    t = nn.Dense(self.out_len, dtype=self.dtype, name='time')(jnp.swapaxes(h, 1, 2))
+    return nn.Dense(self.out_dim, dtype=self.dtype, name='feature')(
+        jnp.swapaxes(jax.nn.relu(t), 1, 2)).astype(jnp.float32)
+
+
+class CIDer(nn.Module):
+  bert: BertConfig
+  num_classes: int
+  aligned: bool
+  feature_dims: Tuple[int, int, int]      # (Dl, Da, Dv)
+  seq_lens: Tuple[int, int, int]          # (L, La, Lv)
+  bert_layers: int = 0
+  embed_dim: int = 32
+  num_heads: int = 8
+  layers: int = 3
+  attn_dropout: float = 0.0
+  relu_dropout: float = 0.0
+  res_dropout: float = 0.0
+  embed_dropout: float = 0.0
+  out_dropout: float = 0.0
+  positions: str = 'time'
+  cross_dataset: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs, cls_feats, cls_probs, *, deterministic: bool = True,
+               reconstruct: bool = False):
+    E = self.embed_dim
+    L, La, Lv = self.seq_lens
+    Dl, Da, Dv = self.feature_dims
+    text_mask = inputs['text_mask'].astype(jnp.float32)
+    audio_mask = inputs['audio_mask'].astype(jnp.float32)
+    vision_mask = inputs['vision_mask'].astype(jnp.float32)
+    h_text = BertEncoder(self.bert, self.bert_layers, self.dtype, name='text_encoder')(
+        inputs['text_ids'], text_mask, inputs['text_segments'], deterministic)
+
+    proj = lambda name: nn.Dense(E, use_bias=False, dtype=self.dtype, name=name)
+    x_l = proj('proj_l')(h_text)
+    x_a = proj('proj_a')(inputs['audio'].astype(self.dtype))
+    x_v = proj('proj_v')(inputs['vision'].astype(self.dtype))
+
+    wsam_a = WSAM(E, self.dtype, name='wsam_a')
+    wsam_v = WSAM(E, self.dtype, name='wsam_v')
+    if self.aligned:
+      if self.is_initializing():   # the original holds (and counts) WSAM weights in aligned mode
+        wsam_a(x_l, x_a, jnp.ones(x_a.shape[:1] + (L, x_a.shape[1])))
+        wsam_v(x_l, x_v, jnp.ones(x_v.shape[:1] + (L, x_v.shape[1])))
+    else:
+      lengths = jnp.sum(text_mask, axis=1).astype(jnp.int32)
+      x_a = wsam_a(x_l, x_a, wsam_mask(text_mask, audio_mask, lengths))
+      x_v = wsam_v(x_l, x_v, wsam_mask(text_mask, vision_mask, lengths))
+
+    h = jnp.concatenate([GRU(E, self.dtype, name=f'gru_{m}')(x)
+                         for m, x in (('l', x_l), ('a', x_a), ('v', x_v))], axis=1)
+    h, scores = MCT(E, self.num_heads, self.layers, self.attn_dropout, self.relu_dropout,
+                    self.res_dropout, self.embed_dropout, self.positions, self.dtype,
+                    name='mct')(h, deterministic)
+    h_l, h_a, h_v = h[:, :L], h[:, L:2 * L], h[:, 2 * L:]
+
+    pooled = jnp.concatenate([AttentionPool(self.dtype, name=f'pool_{m}')(x)
+                              for m, x in (('l', h_l), ('a', h_a), ('v', h_v))], axis=-1)
+    z = JointRep(self.out_dropout, self.dtype, name='joint')(pooled, deterministic)
+    logp = MCM(self.num_classes, E, self.feature_dims, self.cross_dataset, self.dtype,
+               name='mcm')(z, cls_feats, cls_probs)
+    out = {'logp': logp, 'joint_rep': z, 'scores': scores, 'text_hidden': h_text}
+    if reconstruct or self.is_initializing():
+      out['text_recon'] = nn.Dense(Dl, dtype=self.dtype, name='recon_text')(h_l).astype(jnp.float32)
+      out['audio_recon'] = SequenceDecoder(La, Da, self.dtype, name='recon_audio')(h_a)
+      out['vision_recon'] = SequenceDecoder(Lv, Dv, self.dtype, name='recon_vision')(h_v)
+    return out
+
+
+def example_inputs(batch: int, seq_lens, feature_dims, num_classes: int):
+  """Zero inputs of the right shapes (for init / dry runs)."""
+  L, La, Lv = seq_lens
+  Dl, Da, Dv = feature_dims
+  inputs = {
+      'text_ids': jnp.zeros((batch, L), jnp.int32),
+      'text_mask': jnp.ones((batch, L), jnp.float32),
+      'text_segments': jnp.zeros((batch, L), jnp.int32),
+      'audio': jnp.zeros((batch, La, Da), jnp.float32),
+      'audio_mask': jnp.ones((batch, La), jnp.float32),
+      'vision': jnp.zeros((batch, Lv, Dv), jnp.float32),
+      'vision_mask': jnp.ones((batch, Lv), jnp.float32),
+  }
+  cls_feats = jnp.zeros((num_classes, batch, Dl + Da + Dv), jnp.float32)
+  cls_probs = jnp.full((batch, num_classes), 1.0 / num_classes, jnp.float32)
+  return inputs, cls_feats, cls_probs
