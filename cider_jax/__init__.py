@@ -1,0 +1,1 @@
+"""cider_jax: CIDer (robust multimodal emotion recognition) in JAX/Flax."""
