@@ -1,0 +1,188 @@
+"""Check cider_jax against a fixture produced by the original PyTorch CIDer.
+
+  python -m cider_jax.compat.check_reference FIXTURE.npz
+
+Reads the architecture from the file (`meta_json` and shapes), converts `param/*` to Flax,
+runs the teacher, student and test passes, the loss terms and one full training iteration
+with the fixture's keep-masks, and prints as its last line one JSON object mapping every
+compared key to its max absolute difference. Exit status 0 only if all are within tolerance:
+outputs and losses 1e-4; parameters after the step 1e-5, except elements whose gradient is
+below 1e-6 in either update (keys ending in `_small_grad`, allowed 2·lr: Adam turns float32
+noise there into updates of up to lr, REFERENCE §4).
+"""
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from cider_jax import losses, optim
+from cider_jax.compat.reference import BUFFERS, flax_to_torch, infer_structure, torch_to_flax
+from cider_jax.models.bert import BertConfig
+from cider_jax.models.cider import CIDer
+from cider_jax.train_step import TrainState, train_step
+
+OUTPUT_TOL = 1e-4
+PARAM_TOL = 1e-5
+SMALL_GRAD = 1e-6
+
+
+class FixtureError(ValueError):
+  pass
+
+
+def load_fixture(path):
+  try:
+    z = np.load(path)
+    meta = json.loads(str(z['meta_json']))
+  except FileNotFoundError:
+    raise FixtureError(f'{path}: no such file')
+  except Exception as e:  # not an npz, or no meta_json
+    raise FixtureError(f'{path}: not a fixture in the format of shared/fixtures ({e})')
+  return {k: z[k] for k in z.files}, meta
+
+
+def build(arrays, meta):
+  hp = meta['hparams']
+  state = {k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')}
+  layers, num_classes, cross = infer_structure(state)
+  text = arrays['input/text']
+  seq = (text.shape[2], arrays['input/audio'].shape[1], arrays['input/vision'].shape[1])
+  dims = (state['proj_l.weight'].shape[1], state['proj_a.weight'].shape[1],
+          state['proj_v.weight'].shape[1])
+  model = CIDer(BertConfig.from_dict(meta['bert']), num_classes, bool(hp['aligned']), dims, seq,
+                embed_dim=state['proj_l.weight'].shape[0], num_heads=int(hp['num_heads']),
+                layers=layers, positions='reference', cross_dataset=cross)
+  return model, torch_to_flax(state), cross
+
+
+def inputs_of(arrays, text_key, suffix=''):
+  t = arrays[text_key]
+  return {'text_ids': jnp.asarray(t[:, 0], jnp.int32), 'text_mask': jnp.asarray(t[:, 1]),
+          'text_segments': jnp.asarray(t[:, 2], jnp.int32),
+          'audio': jnp.asarray(arrays['input/audio' + suffix]),
+          'audio_mask': jnp.asarray(arrays['input/audio_mask']),
+          'vision': jnp.asarray(arrays['input/vision' + suffix]),
+          'vision_mask': jnp.asarray(arrays['input/vision_mask'])}
+
+
+def train_config(meta):
+  c = ml_collections.ConfigDict()
+  adam, w = meta['adam'], meta['train_weights']
+  c.optim = dict(bert_lr=adam['bert_lr'], bert_weight_decay=adam['bert_weight_decay'],
+                 lr=adam['lr'], b1=adam['betas'][0], b2=adam['betas'][1], eps=adam['eps'],
+                 grad_clip=0.0)
+  c.loss = dict(w_rep=w['joint_rep_weight'], w_attn=w['attn_weight'], w_rec=w['recon_weight'])
+  c.train = dict(accumulate_teacher_grad=True, counterfactual_metrics=False)
+  c.model = dict(deterministic=True)
+  c.maci = dict(train_tau=1.0)
+  return c
+
+
+def compare(path):
+  arrays, meta = load_fixture(path)
+  model, params, cross = build(arrays, meta)
+  H = int(meta['hparams']['num_heads'])
+  cls_feats, cls_probs = jnp.asarray(arrays['input/cls_feats']), jnp.asarray(arrays['input/cls_probs'])
+  full_in = inputs_of(arrays, 'input/text')
+  miss_in = inputs_of(arrays, 'input/text_m', '_m')
+  cf_in = inputs_of(arrays, 'input/text_cf', '_m')
+  run = jax.jit(lambda p, x, rec: model.apply({'params': p}, x, cls_feats, cls_probs,
+                                              reconstruct=rec), static_argnums=2)
+  full, miss, cf = run(params, full_in, False), run(params, miss_in, True), run(params, cf_in, False)
+  flat_scores = lambda s: np.asarray(s).reshape((-1,) + s.shape[2:])
+  ours = {
+      'output/full/pred': full['logp'], 'output/full/joint_rep': full['joint_rep'],
+      'output/full/attn': flat_scores(full['scores']),
+      'output/full/text_for_recon': full['text_hidden'],
+      'output/missing/pred_m': miss['logp'], 'output/missing/joint_rep_m': miss['joint_rep'],
+      'output/missing/attn_m': flat_scores(miss['scores']),
+      'output/missing/text_recon': miss['text_recon'],
+      'output/missing/audio_recon': miss['audio_recon'],
+      'output/missing/vision_recon': miss['vision_recon'],
+      'output/test/pred_m': miss['logp'], 'output/test/joint_rep_m': miss['joint_rep'],
+      'output/test/attn_m': flat_scores(miss['scores']),
+      'output/test/cf_pred_m': cf['logp'], 'output/test/cf_joint_rep_m': cf['joint_rep'],
+      'output/test/cf_attn_m': flat_scores(cf['scores']),
+  }
+  labels = jnp.asarray(arrays['input/labels'], jnp.int32)
+  B = labels.shape[0]
+  valid = jnp.ones((B,), jnp.float32)
+  keeps = tuple(jnp.asarray(arrays[f'input/{m}_keep'], jnp.float32)
+                for m in ('text', 'audio', 'vision'))
+  dropped = [jnp.asarray(arrays[f'input/{m}_mask'], jnp.float32) - k
+             for m, k in zip(('text', 'audio', 'vision'), keeps)]
+  ratio = lambda nd, eps=0.0: float(nd[0] / (nd[1] + eps))
+  ours.update({
+      'loss/loss_task': ratio(losses.nll(full['logp'], labels, valid)),
+      'loss/loss_task_m': ratio(losses.nll(miss['logp'], labels, valid)),
+      'loss/loss_joint_rep': ratio(losses.representation(miss['joint_rep'], full['joint_rep'], valid)),
+      'loss/loss_attn': ratio(losses.attention_kl(full['scores'], miss['scores'], valid)),
+      'loss/loss_recon_text': ratio(losses.reconstruction(
+          miss['text_recon'], full['text_hidden'], dropped[0]), 1e-6),
+      'loss/loss_recon_audio': ratio(losses.reconstruction(
+          miss['audio_recon'], full_in['audio'], dropped[1]), 1e-6),
+      'loss/loss_recon_vision': ratio(losses.reconstruction(
+          miss['vision_recon'], full_in['vision'], dropped[2]), 1e-6),
+  })
+
+  # ---------------------------------------------------------------- one training iteration
+  config = train_config(meta)
+  tx, group = optim.make_optimizer(config.optim, params, bool(meta['hparams']['aligned']))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     rng=jax.random.PRNGKey(0),
+                     consts={'cls_feats': cls_feats, 'cls_probs': cls_probs,
+                             'bias_table': jnp.zeros((1,), bool)})
+  batch = dict(full_in, label=labels, valid=valid)
+  step = jax.jit(lambda s, b, k: train_step(s, b, k, model=model, tx=tx, labels=group,
+                                            config=config, axis_name=None, return_grads=True))
+  new_state, metrics = step(state, batch, keeps)
+  ours['loss/train_combined_loss_second_update'] = float(metrics['loss'])
+
+  diffs, tol = {}, {}
+  for key, value in ours.items():
+    if key in arrays:
+      diffs[key] = float(np.max(np.abs(np.asarray(value, np.float64) - arrays[key])))
+      tol[key] = OUTPUT_TOL
+  after = flax_to_torch(jax.device_get(new_state.params), cross)
+  g_t, g_2 = (flax_to_torch(jax.device_get(g), cross) for g in metrics['grads'])
+  student_only = {k for k in after if k.startswith('recon_')}
+  lrs = {k: (meta['adam']['bert_lr'] if k.startswith('text_model.') else meta['adam']['lr'])
+         for k in after}
+  for name, value in after.items():
+    key = f'param_after_step/{name}'
+    if key not in arrays or name in BUFFERS:  # buffers are constants, not parameters
+      continue
+    ref = arrays[key].astype(np.float64)
+    diff = np.abs(value.astype(np.float64) - ref)
+    small = np.abs(g_2[name]) < SMALL_GRAD
+    if name not in student_only:
+      small |= np.abs(g_t[name]) < SMALL_GRAD
+    diffs[key] = float(np.max(np.where(small, 0.0, diff), initial=0.0))
+    tol[key] = PARAM_TOL
+    if small.any():
+      diffs[key + '_small_grad'] = float(np.max(np.where(small, diff, 0.0), initial=0.0))
+      tol[key + '_small_grad'] = 2 * lrs[name]
+  failed = sorted(k for k in diffs if not diffs[k] <= tol[k])
+  return diffs, failed
+
+
+def main(argv):
+  if len(argv) != 2:
+    print('usage: python -m cider_jax.compat.check_reference FIXTURE.npz', file=sys.stderr)
+    return 2
+  try:
+    diffs, failed = compare(argv[1])
+  except FixtureError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  for k in failed:
+    print(f'out of tolerance: {k} = {diffs[k]:.3g}', file=sys.stderr)
+  print(json.dumps(diffs))
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))

@@ -1,0 +1,176 @@
+"""The MSSD training iteration (REFERENCE §4) as one compiled function.
+
+  step_fn = make_train_step(model, tx, labels, config, axis_name='batch')   # pmapped
+  state, metrics = step_fn(state, batch)
+
+Inside one call: RMFM keep-masks are sampled from per-example keys
+fold_in(fold_in(rng, step), global example index); the teacher pass on the complete input
+and its Adam update θ0 → θ1; the student pass on the masked input through θ1 with the
+teacher's targets (θ0, gradients stopped); the second Adam update with g_teacher + g_student
+(the original never clears gradients between the two); optionally the counterfactual pass of
+the masked input for debiased training accuracy.
+"""
+import functools
+from typing import Any, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from cider_jax import counterfactual, losses, masks, optim
+
+INPUT_KEYS = ('text_ids', 'text_mask', 'text_segments', 'audio', 'audio_mask', 'vision',
+              'vision_mask')
+LOSS_KEYS = ('loss_task', 'loss_task_m', 'loss_rep', 'loss_attn', 'loss_rec_text',
+             'loss_rec_audio', 'loss_rec_vision', 'loss')
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array          # () int32
+  params: Any
+  opt_state: Any
+  rng: jax.Array           # base PRNG key of the run (raw uint32 (2,))
+  consts: Any              # cls_feats (C, D), cls_probs (C,), bias_table (V,) bool
+
+
+def model_inputs(batch):
+  return {k: batch[k] for k in INPUT_KEYS}
+
+
+def prototype_inputs(consts, batch_size: int):
+  """cls_feats (C, D) → (C, B, D); cls_probs (C,) → (B, C). Per-sample forms pass through."""
+  feats, probs = consts['cls_feats'], consts['cls_probs']
+  if feats.ndim == 2:
+    feats = jnp.broadcast_to(feats[:, None, :], (feats.shape[0], batch_size, feats.shape[1]))
+  if probs.ndim == 1:
+    probs = jnp.broadcast_to(probs[None, :], (batch_size, probs.shape[0]))
+  return feats, probs
+
+
+def masked_inputs(inputs, text_keep, audio_keep, vision_keep):
+  """Dropped tokens → [UNK], dropped frames → 0 (attention/validity masks unchanged)."""
+  m = masks.apply_keep({'text': inputs['text_ids'], 'text_mask': inputs['text_mask'],
+                        'audio': inputs['audio'], 'vision': inputs['vision']},
+                       text_keep, audio_keep, vision_keep)
+  return dict(inputs, text_ids=m['text'], audio=m['audio'], vision=m['vision'])
+
+
+def _global(x, axis_name):
+  return jax.lax.psum(x, axis_name) if axis_name else x
+
+
+def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, config,
+               axis_name: Optional[str] = 'batch', return_grads: bool = False):
+  """One MSSD iteration on a (per-device) batch.
+
+  batch: flat dict of INPUT_KEYS + label (B,) + valid (B,) (+ index). keeps: optional
+  (text_keep (B, L), audio_keep (B, La), vision_keep (B, Lv)); sampled when None.
+  Returns (new state, metrics) — metrics are global (summed over `axis_name`).
+  """
+  cfg_loss, cfg_train = config.loss, config.train
+  deterministic = bool(config.model.deterministic)
+  inputs = model_inputs(batch)
+  y, valid = batch['label'], batch['valid'].astype(jnp.float32)
+  B = y.shape[0]
+  cls_feats, cls_probs = prototype_inputs(state.consts, B)
+  step_key = jax.random.fold_in(state.rng, state.step)
+  device = jax.lax.axis_index(axis_name) if axis_name else 0
+  dropout_key = jax.random.fold_in(jax.random.fold_in(step_key, 1 << 30), device)
+  k_teacher, k_student, k_cf = jax.random.split(dropout_key, 3)
+
+  if keeps is None:
+    global_index = device * B + jnp.arange(B)
+    keys = masks.example_keys(state.rng, state.step, global_index)
+    keeps = masks.train_keep(keys, inputs['text_mask'], inputs['audio_mask'],
+                             inputs['vision_mask'])
+  text_keep, audio_keep, vision_keep = keeps
+
+  def apply(params, x, rng, reconstruct=False):
+    return model.apply({'params': params}, x, cls_feats, cls_probs,
+                       deterministic=deterministic, reconstruct=reconstruct,
+                       rngs=None if deterministic else {'dropout': rng})
+
+  # ---------------------------------------------------------------- teacher: θ0 → θ1
+  def teacher_loss(params):
+    out = apply(params, inputs, k_teacher)
+    num, den = losses.nll(out['logp'], y, valid)
+    return num / _global(den, axis_name), out
+
+  (loss_t, out_t), g_t = jax.value_and_grad(teacher_loss, has_aux=True)(state.params)
+  g_t = optim.zero_padding_row(_global(g_t, axis_name))
+  g_t_used, gnorm_t = optim.clip_by_global_norm(g_t, config.optim.grad_clip)
+  updates, opt1 = tx.update(g_t_used, state.opt_state, state.params)
+  params1 = jax.tree.map(lambda p, u: p + u, state.params, updates)
+  params1, opt1 = optim.keep_group('student_only', labels, state.params, params1,
+                                   state.opt_state, opt1)
+
+  # ---------------------------------------------------------------- student: θ1 → θ2
+  target = jax.lax.stop_gradient(
+      {k: out_t[k] for k in ('joint_rep', 'scores', 'text_hidden')})
+  x_m = masked_inputs(inputs, text_keep, audio_keep, vision_keep)
+  vmask = valid[:, None]
+  dropped = {'text': (inputs['text_mask'] - text_keep) * vmask,
+             'audio': (inputs['audio_mask'] - audio_keep) * vmask,
+             'vision': (inputs['vision_mask'] - vision_keep) * vmask}
+
+  def student_loss(params):
+    out = apply(params, x_m, k_student, reconstruct=True)
+    terms = {
+        'loss_task_m': losses.nll(out['logp'], y, valid),
+        'loss_rep': losses.representation(out['joint_rep'], target['joint_rep'], valid),
+        'loss_attn': losses.attention_kl(target['scores'], out['scores'], valid),
+        'loss_rec_text': losses.reconstruction(out['text_recon'], target['text_hidden'],
+                                               dropped['text']),
+        'loss_rec_audio': losses.reconstruction(out['audio_recon'], inputs['audio'],
+                                                dropped['audio']),
+        'loss_rec_vision': losses.reconstruction(out['vision_recon'], inputs['vision'],
+                                                 dropped['vision']),
+    }
+    vals = {}
+    for k, (num, den) in terms.items():
+      den = _global(den, axis_name)
+      vals[k] = num / (den + 1e-6) if k.startswith('loss_rec') else num / den
+    total = (vals['loss_task_m'] + cfg_loss.w_rep * vals['loss_rep']
+             + cfg_loss.w_attn * vals['loss_attn']
+             + cfg_loss.w_rec * (vals['loss_rec_text'] + vals['loss_rec_audio']
+                                 + vals['loss_rec_vision']))
+    return total, (vals, out)
+
+  (loss_s, (vals, out_s)), g_s = jax.value_and_grad(student_loss, has_aux=True)(params1)
+  g_s = optim.zero_padding_row(_global(g_s, axis_name))
+  g2 = jax.tree.map(jnp.add, g_t, g_s) if cfg_train.accumulate_teacher_grad else g_s
+  g2_used, gnorm_2 = optim.clip_by_global_norm(g2, config.optim.grad_clip)
+  updates, opt2 = tx.update(g2_used, opt1, params1)
+  params2 = jax.tree.map(lambda p, u: p + u, params1, updates)
+
+  metrics = {k: _global(v, axis_name) for k, v in vals.items()}
+  metrics['loss_task'] = _global(loss_t, axis_name)
+  metrics['loss'] = _global(loss_s, axis_name)
+  metrics['grad_norm_teacher'] = gnorm_t
+  metrics['grad_norm_student'] = gnorm_2
+  n_valid = _global(jnp.sum(valid), axis_name)
+  correct = (jnp.argmax(out_s['logp'], -1) == y) * valid
+  metrics['acc_m'] = _global(jnp.sum(correct), axis_name) / n_valid
+  if cfg_train.counterfactual_metrics:
+    cf_ids = counterfactual.counterfactual_ids_jax(x_m['text_ids'], state.consts['bias_table'])
+    out_cf = apply(params1, dict(x_m, text_ids=cf_ids), k_cf)
+    tau = config.maci.get('train_tau', 1.0)
+    debiased = out_s['logp'] - tau * jax.lax.stop_gradient(out_cf['logp'])
+    correct_d = (jnp.argmax(debiased, -1) == y) * valid
+    metrics['acc_m_debiased'] = _global(jnp.sum(correct_d), axis_name) / n_valid
+    metrics['logp_cf'] = out_cf['logp']
+  new_state = state.replace(step=state.step + 1, params=params2, opt_state=opt2)
+  if return_grads:
+    metrics['grads'] = (g_t, g2)
+  return new_state, metrics
+
+
+def make_train_step(model, tx, labels, config, axis_name: Optional[str] = 'batch',
+                    return_grads: bool = False):
+  """pmapped (axis_name set) or jitted (axis_name None) step; the state buffers are donated."""
+  fn = functools.partial(train_step, model=model, tx=tx, labels=labels, config=config,
+                         axis_name=axis_name, return_grads=return_grads)
+  if axis_name:
+    return jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,))
+  return jax.jit(fn, donate_argnums=(0,))
