@@ -1,0 +1,59 @@
+"""Train CIDer (and evaluate the best checkpoint at the end).
+
+  python launch/train.py --config configs/quickstart.py [--workdir W]
+  python launch/train.py --config configs/rmfm.py --config.data.dir=DIR --workdir=W
+  python launch/train.py --config CFG --dry_run        # parameter counts, no data, no training
+
+Any config field can be overridden: --config.train.batch_size=64.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'quickstart.py'),
+    'Path to a config file (configs/*.py); fields can be overridden with --config.a.b=value.')
+_WORKDIR = flags.DEFINE_string(
+    'workdir', None, 'Directory for checkpoints, metrics.jsonl, plots and the evaluation report '
+    '(default: runs/<config name>). An existing run there is resumed.')
+_DRY_RUN = flags.DEFINE_bool(
+    'dry_run', False, 'Build the model from the config with random weights (no data) and print '
+    'one JSON line of parameter counts.')
+
+
+def dry_run(config) -> dict:
+  import jax
+  from cider_jax import spec as spec_lib
+  from cider_jax.models.cider import example_inputs
+  spec = spec_lib.nominal_spec(config)
+  bert_config = spec_lib.text_encoder_config(config, allow_default=True)
+  model = spec_lib.build_model(config, spec, bert_config)
+  dims = (bert_config.hidden_size,) + tuple(spec.feature_dims)
+  args = example_inputs(2, spec.seq_lens, dims, spec.num_classes)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))['params']
+  count = lambda t: int(sum(x.size for x in jax.tree.leaves(t)))
+  total, text = count(shapes), count(shapes['text_encoder'])
+  return {'params_total': total, 'params_text_encoder': text, 'params_cider': total - text}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  if _DRY_RUN.value:
+    print(json.dumps(dry_run(config)))
+    return
+  from cider_jax import train
+  workdir = _WORKDIR.value or os.path.join(
+      'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(_CONFIG)))[0])
+  train.train_and_evaluate(config, workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
