@@ -28,7 +28,8 @@ from cider_jax.data import validate
 from cider_jax.data.validate import DataError
 
 __all__ = [
-    'DataError', 'Split', 'SPLITS', 'resolve_path', 'resolve_split_paths', 'read_pickle',
+    'DataError', 'Split', 'SPLITS', 'resolve_path', 'resolve_split_paths', 'require_file',
+    'read_pickle',
     'splits_from_dict', 'load_mmsa', 'label3_from_score', 'label7_from_score',
 ]
 
@@ -170,8 +171,8 @@ def resolve_path(data_cfg, task: str = 'binary', split: str = 'train') -> str:
 # ---------------------------------------------------------------------------- reading
 
 
-def read_pickle(path: str, what: str = 'MMSA data file') -> Any:
-  """Unpickles `path` (plain pickle, or a joblib file such as the OOD repartitions)."""
+def require_file(path: str, what: str = 'MMSA data file') -> None:
+  """Raises DataError saying what to put where if `path` is not an existing file."""
   if not os.path.exists(path):
     raise DataError(
         f'{what} not found: expected {path}. Put the MMSA pickle there (a dict with '
@@ -179,6 +180,11 @@ def read_pickle(path: str, what: str = 'MMSA data file') -> Any:
         'classification_labels), or point --config.data.dir / --config.data.file at it')
   if os.path.isdir(path):
     raise DataError(f'{what} {path} is a directory; expected a pickle file')
+
+
+def read_pickle(path: str, what: str = 'MMSA data file') -> Any:
+  """Unpickles `path` (plain pickle, or a joblib file such as the OOD repartitions)."""
+  require_file(path, what)
   errors = []
   try:
     with open(path, 'rb') as f:

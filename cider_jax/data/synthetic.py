@@ -100,15 +100,24 @@ def load_tokenizer():
   return transformers.AutoTokenizer.from_pretrained(packaged_minilm_dir())
 
 
+def _field(cfg, name, default=None):
+  if isinstance(cfg, dict):
+    return cfg.get(name, default)
+  return getattr(cfg, name, default)
+
+
 def synthetic_params(cfg) -> dict:
-  """The generator's parameters from a config: a full config, `config.data` or
-  `config.data.synthetic` (or a plain dict with the fields of `PARAM_NAMES`)."""
-  for attr in ('data', 'synthetic'):
-    inner = cfg.get(attr) if isinstance(cfg, dict) else getattr(cfg, attr, None)
-    if inner is not None:
-      cfg = inner
-  get = cfg.get if isinstance(cfg, dict) else lambda k: getattr(cfg, k, None)
-  params = {k: get(k) for k in PARAM_NAMES}
+  """The generator's parameters from a full config, `config.data`, `config.data.synthetic` or
+  a dict with the fields of `PARAM_NAMES` (and optionally `aligned`).
+
+  With `config.data.aligned` set, the data is word-aligned like MMSA's aligned files: one
+  audio and vision frame per token (audio_len = vision_len = text_len) and no
+  audio_lengths / vision_lengths fields.
+  """
+  cfg = _field(cfg, 'data', None) or cfg
+  aligned = bool(_field(cfg, 'aligned', False))
+  cfg = _field(cfg, 'synthetic', None) or cfg
+  params = {k: _field(cfg, k) for k in PARAM_NAMES}
   missing = [k for k, v in params.items() if v is None]
   if missing:
     raise DataError(f'config.data.synthetic is missing {missing}; expected the fields '
@@ -121,6 +130,9 @@ def synthetic_params(cfg) -> dict:
   if params['text_len'] < 12:
     raise DataError(f"config.data.synthetic.text_len is {params['text_len']}; expected >= 12 "
                     '(room for [CLS], a short sentence and [SEP])')
+  if aligned:
+    params['audio_len'] = params['vision_len'] = params['text_len']
+  params['aligned'] = int(aligned)
   return params
 
 
@@ -211,10 +223,12 @@ def _perceived(rng, true_class, rate):
 # ---------------------------------------------------------------------------- audio / vision
 
 
-def _features(rng, cls, intensity, frames, dim, patterns, signal):
-  """(N, frames, dim) float32 features and (N,) lengths; zeros after each length."""
+def _features(rng, cls, intensity, frames, dim, patterns, signal, lengths=None):
+  """(N, frames, dim) float32 features and (N,) lengths (random unless given); zeros after
+  each length."""
   n = cls.shape[0]
-  lengths = rng.integers(max(1, frames // 4), frames + 1, n)
+  if lengths is None:
+    lengths = rng.integers(max(1, frames // 4), frames + 1, n)
   t = np.arange(frames)[None, :]
   cover = rng.uniform(0.4, 1.0, n)
   span = np.maximum(1, np.round(lengths * cover)).astype(np.int64)
@@ -257,11 +271,15 @@ def _split(params, split, tokenizer):
                        axis=1).astype(np.float32)
   out = {'text_bert': text_bert, 'raw_text': np.array(sentences, dtype=object),
          'id': np.array([f'synthetic_{split}_{i:05d}' for i in range(n)], dtype=object)}
+  aligned = bool(params.get('aligned', 0))
+  text_lengths = enc['attention_mask'].sum(axis=1).astype(np.int64)
   for salt, m in enumerate(('audio', 'vision')):
     cls = _perceived(rng, true_class, _MISPERCEIVED[m])
     patterns = _class_patterns(params['seed'], params[f'{m}_dim'], salt)
-    out[m], out[f'{m}_lengths'] = _features(rng, cls, intensity, params[f'{m}_len'],
-                                            params[f'{m}_dim'], patterns, _SIGNAL[m])
+    out[m], lengths = _features(rng, cls, intensity, params[f'{m}_len'], params[f'{m}_dim'],
+                                patterns, _SIGNAL[m], text_lengths if aligned else None)
+    if not aligned:
+      out[f'{m}_lengths'] = lengths
   out['regression_labels'] = score.astype(np.float32)
   out['classification_labels'] = true_class.astype(np.int64)
   return out
@@ -312,12 +330,17 @@ def main(argv=None) -> int:
                                    'per-modality signal with linear probes.')
   for name in PARAM_NAMES:
     parser.add_argument(f'--{name}', type=int, default=None)
+  parser.add_argument('--aligned', action='store_true', help='word-aligned data')
   parser.add_argument('--quickstart', action='store_true',
                       help='start from configs/quickstart.py sizes instead of configs/default.py')
   args = parser.parse_args(argv)
   from configs import default, quickstart  # pylint: disable=g-import-not-at-top
-  params = synthetic_params((quickstart if args.quickstart else default).get_config())
-  params.update({k: getattr(args, k) for k in PARAM_NAMES if getattr(args, k) is not None})
+  config = (quickstart if args.quickstart else default).get_config()
+  for k in PARAM_NAMES:
+    if getattr(args, k) is not None:
+      config.data.synthetic[k] = getattr(args, k)
+  config.data.aligned = args.aligned
+  params = synthetic_params(config)
   tokenizer = load_tokenizer()
   splits = mmsa.splits_from_dict(generate(params, tokenizer), source='<synthetic>')
   print(json.dumps(params))
