@@ -15,7 +15,7 @@ def make_mmsa_split(n, seed=0, text_len=50, audio_len=375, vision_len=500, audio
     ids[i, 0], ids[i, length - 1] = 101, 102
     mask[i, :length] = 1
   score = np.round(rng.uniform(-3, 3, n) * 3) / 3
-  score[:2] = (0.0, 3.0)
+  score[:2] = (0.0, 3.0)[:min(n, 2)]
   split = {
       'text_bert': np.stack([ids, mask, np.zeros_like(ids)], axis=1),
       'audio': rng.normal(size=(n, audio_len, audio_dim)),
