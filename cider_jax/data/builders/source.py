@@ -66,9 +66,10 @@ def prepare(cfg, data_dir: str) -> tfds.core.DatasetBuilder:
       for path in set(mmsa.resolve_split_paths(data, getattr(cfg, 'task', 'binary')).values()):
         mmsa.require_file(path)
     tfds.disable_progress_bar()
-    builder.download_and_prepare(
-        file_format='array_record',
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    with _quiet_absl():
+      builder.download_and_prepare(
+          file_format='array_record',
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
 
 
