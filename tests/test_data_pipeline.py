@@ -151,3 +151,40 @@ def test_tfds_source_feeds_the_train_iterator(tmp_path):
   for b in batches:
     np.testing.assert_array_equal(b['vision'], splits['train'].vision[b['index']])
     np.testing.assert_array_equal(b['label'], splits['train'].label7[b['index']])
+
+
+def test_eval_batches_carry_keep_masks(splits):
+  split = splits['test']  # 7 examples
+  rng = np.random.default_rng(0)
+  keeps = tuple((rng.random(m.shape) > 0.5).astype(np.float32) * m
+                for m in (split.text_mask, split.audio_mask, split.vision_mask))
+  batches = list(pipeline.eval_batches(split, 'binary', 4, keeps=keeps))  # (split, task, B)
+  assert len(batches) == 2
+  assert tuple(batches[0]) == pipeline.BATCH_KEYS + pipeline.KEEP_KEYS
+  for b in batches:
+    for k, keep in zip(pipeline.KEEP_KEYS, keeps):
+      np.testing.assert_array_equal(b[k], keep[b['index']])
+      assert b[k].dtype == np.float32
+  with pytest.raises(ValueError, match='text_keep has shape'):
+    next(pipeline.eval_batches(split, 4, 'binary', keeps=(keeps[0][:, :3],) + keeps[1:]))
+
+
+def test_split_input_shard_options_and_epoch_position(splits):
+  split = splits['train']  # 23 examples, 5 batches of 4 per epoch
+  it = pipeline.train_iterator(split, 4, seed=2, task='seven',
+                               shard=grain.sharding.ShardOptions(0, 1))
+  spe = pipeline.steps_per_epoch(split, 4, shard_count=1)
+  assert spe == 5
+  positions = []
+  for _ in range(12):  # no num_epochs: repeats forever
+    b = next(it)
+    positions.append(pipeline.position_in_epoch(it, spe))
+    np.testing.assert_array_equal(b['label'], split.label7[b['index']])
+  assert positions == [1, 2, 3, 4, 0] * 2 + [1, 2]
+  state = pipeline.get_iterator_state(it)
+  again = pipeline.train_iterator(split, 4, seed=2, task='seven', shard=(0, 1))
+  pipeline.set_iterator_state(again, state)
+  np.testing.assert_array_equal(next(again)['index'], next(it)['index'])
+  assert pipeline.steps_per_epoch(23, 4, shard_count=2) == 2
+  with pytest.raises(ValueError, match='needs task'):
+    pipeline.train_iterator(split, 4, seed=2, shard=(0, 1))

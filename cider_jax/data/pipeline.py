@@ -13,10 +13,9 @@ Typical use in a training loop:
   splits = load_splits(config, workdir)                  # {'train', 'valid', 'test'}: Split
   source = build_train_source(config, workdir)            # TFDS array_record records
   # or: source = split_to_examples(splits['train'], config.task)   (in memory)
-  it = train_iterator(source, per_host_batch, seed=config.train.seed,
-                      num_epochs=config.train.num_epochs)
+  it = train_iterator(source, per_host_batch, seed=config.train.seed)   # repeats forever
   state = it.get_state(); ...; it.set_state(state)       # or grain.checkpoint.CheckpointSave
-  for batch in eval_batches(split_to_arrays(splits['valid'], config.task), eval_batch): ...
+  for batch in eval_batches(splits['valid'], eval_batch, config.task): ...
 """
 import os
 from typing import Iterator, Mapping, Optional, Tuple
@@ -30,6 +29,7 @@ from cider_jax.data.validate import DataError
 EXAMPLE_KEYS = ('text_ids', 'text_mask', 'text_segments', 'audio', 'audio_mask', 'vision',
                 'vision_mask', 'label', 'index')
 BATCH_KEYS = EXAMPLE_KEYS[:-2] + ('label', 'valid', 'index')
+KEEP_KEYS = ('text_keep', 'audio_keep', 'vision_keep')  # optional, see eval_batches
 
 
 # ---------------------------------------------------------------------------- splits
@@ -113,9 +113,31 @@ def split_to_examples(split: mmsa.Split, task: str) -> SplitSource:
 # ---------------------------------------------------------------------------- training
 
 
-def steps_per_epoch(num_records: int, batch_size: int, shard_count: int = 1) -> int:
-  """Batches per epoch on each host: (num_records // shard_count) // batch_size."""
-  return (num_records // shard_count) // batch_size
+def _process_count() -> int:
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.process_count()
+
+
+def steps_per_epoch(num_records, batch_size: int, shard_count: Optional[int] = None) -> int:
+  """Batches per epoch on each host: (num_records // shard_count) // batch_size.
+
+  num_records: an int, or anything with a length (a Split, a source).
+  shard_count: number of hosts; None = jax.process_count() (as `train_iterator`).
+  """
+  n = num_records if isinstance(num_records, (int, np.integer)) else len(num_records)
+  count = _process_count() if shard_count is None else int(shard_count)
+  return (int(n) // count) // batch_size
+
+
+def _shard_pair(shard) -> Tuple[int, int]:
+  """(index, count) from None (this jax process), a pair, or grain ShardOptions."""
+  if shard is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.process_index(), jax.process_count()
+  if hasattr(shard, 'shard_index') and hasattr(shard, 'shard_count'):
+    return int(shard.shard_index), int(shard.shard_count)
+  index, count = (int(v) for v in shard)
+  return index, count
 
 
 def _add_valid(batch: dict) -> dict:
@@ -124,8 +146,8 @@ def _add_valid(batch: dict) -> dict:
   return {k: batch[k] for k in BATCH_KEYS}
 
 
-def train_iterator(source, batch_size: int, seed: int, num_epochs: Optional[int] = 1,
-                   shard: Optional[Tuple[int, int]] = None, *, num_threads: int = 2,
+def train_iterator(source, batch_size: int, seed: int, num_epochs: Optional[int] = None,
+                   shard=None, *, task: Optional[str] = None, num_threads: int = 2,
                    prefetch: int = 4) -> grain.DatasetIterator:
   """Shuffled training batches of one host, as a checkpointable grain iterator.
 
@@ -138,21 +160,24 @@ def train_iterator(source, batch_size: int, seed: int, num_epochs: Optional[int]
 
   Args:
     source: random-access source of examples (EXAMPLE_KEYS), e.g. `build_train_source(...)`
-      or `split_to_examples(split, task)`.
+      or `split_to_examples(split, task)`; or a `mmsa.Split` together with `task`.
     batch_size: examples per batch on this host (the global batch / process count).
     seed: shuffle seed in [0, 2**32).
-    num_epochs: passes over the data; None repeats forever.
-    shard: (process_index, process_count); None = (jax.process_index(), jax.process_count()).
+    num_epochs: passes over the data; None (default) repeats forever.
+    shard: (process_index, process_count) or grain `ShardOptions`; None =
+      (jax.process_index(), jax.process_count()).
+    task: 'binary' or 'seven', only when `source` is a Split.
 
   Returns:
     An iterator of batches (BATCH_KEYS, `valid` all ones) with `get_state()` /
     `set_state(state)`; a restored state continues with the same next batch. It also works
     with `grain.checkpoint.CheckpointSave/CheckpointRestore` in an orbax checkpoint.
   """
-  if shard is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    shard = (jax.process_index(), jax.process_count())
-  index, count = (int(v) for v in shard)
+  if isinstance(source, mmsa.Split):
+    if task is None:
+      raise ValueError('train_iterator of a Split needs task= (binary or seven)')
+    source = SplitSource(source, task)
+  index, count = _shard_pair(shard)
   if count < 1 or not 0 <= index < count:
     raise ValueError(f'shard {shard}: expected (process_index, process_count) with '
                      '0 <= process_index < process_count')
@@ -173,17 +198,40 @@ def train_iterator(source, batch_size: int, seed: int, num_epochs: Optional[int]
   return iter(ds.to_iter_dataset(options))
 
 
+def get_iterator_state(it) -> dict:
+  """JSON-serialisable position of a `train_iterator` (batches already yielded)."""
+  return it.get_state()
+
+
+def set_iterator_state(it, state: dict) -> None:
+  """Moves a fresh `train_iterator` (same arguments) to a state from `get_iterator_state`."""
+  it.set_state(state)
+
+
+def position_in_epoch(it, steps_per_epoch_: int) -> int:
+  """Batches of the current epoch already yielded by a `train_iterator` (0 at a boundary)."""
+  return int(it.get_state()['next_index']) % steps_per_epoch_
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 
-def eval_batches(split_arrays, batch_size: int, task: Optional[str] = None
+def eval_batches(split_arrays, batch_size: int, task: Optional[str] = None, *, keeps=None
                  ) -> Iterator[dict]:
   """Fixed-shape batches of a whole split, in order; no example dropped or repeated as valid.
 
-  split_arrays: `split_to_arrays(split, task)` (or a `mmsa.Split` together with `task`).
+  split_arrays: `split_to_arrays(split, task)`, or a `mmsa.Split` with `task`
+    (`eval_batches(split, batch_size, task)`; `eval_batches(split, task, batch_size)` works too).
+  keeps: optional keep masks of a test missing mode for the whole split, a tuple
+    (text_keep (N, L), audio_keep (N, La), vision_keep (N, Lv)) as `masks.test_keep` returns,
+    or a dict with those keys; batched as float32 under the same names after BATCH_KEYS.
+
   The last batch, when short, is filled by repeating its own examples; the filler rows have
-  valid = 0 (their `index` is that of the example they repeat). Yields BATCH_KEYS dicts.
+  valid = 0 (their `index` is that of the example they repeat). Yields BATCH_KEYS dicts
+  (plus KEEP_KEYS with `keeps`).
   """
+  if isinstance(batch_size, str) and not isinstance(task, str):
+    batch_size, task = task, batch_size
   if isinstance(split_arrays, mmsa.Split):
     if task is None:
       raise ValueError('eval_batches of a Split needs the task (binary or seven)')
@@ -193,15 +241,29 @@ def eval_batches(split_arrays, batch_size: int, task: Optional[str] = None
   missing = [k for k in EXAMPLE_KEYS if k not in split_arrays]
   if missing:
     raise ValueError(f'eval_batches: arrays lack {missing}; expected {list(EXAMPLE_KEYS)}')
-  if batch_size < 1:
-    raise ValueError(f'batch_size {batch_size}: expected >= 1')
+  if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    raise ValueError(f'batch_size {batch_size!r}: expected an integer >= 1')
   n = len(split_arrays['label'])
+  arrays = {k: np.asarray(split_arrays[k]) for k in EXAMPLE_KEYS}
+  keys = BATCH_KEYS
+  if keeps is not None:
+    if not isinstance(keeps, Mapping):
+      keeps = dict(zip(KEEP_KEYS, keeps))
+    for k, like in zip(KEEP_KEYS, ('text_mask', 'audio_mask', 'vision_mask')):
+      if k not in keeps:
+        raise ValueError(f'eval_batches: keeps lack {k!r}; expected {list(KEEP_KEYS)}')
+      keep = np.asarray(keeps[k], np.float32)
+      if keep.shape != arrays[like].shape:
+        raise ValueError(f'eval_batches: {k} has shape {keep.shape}; expected '
+                         f'{arrays[like].shape} like {like}')
+      arrays[k] = keep
+    keys = BATCH_KEYS + KEEP_KEYS
   for start in range(0, n, batch_size):
     real = np.arange(start, min(start + batch_size, n))
     rows = np.resize(real, batch_size)
-    batch = {k: np.asarray(split_arrays[k])[rows] for k in EXAMPLE_KEYS}
+    batch = {k: v[rows] for k, v in arrays.items()}
     batch['valid'] = (np.arange(batch_size) < len(real)).astype(np.float32)
-    yield {k: batch[k] for k in BATCH_KEYS}
+    yield {k: batch[k] for k in keys}
 
 
 def num_eval_batches(num_examples: int, batch_size: int) -> int:
