@@ -101,6 +101,11 @@ class SplitSource:
       raise IndexError(f'example {i} out of range for a split of {self._n}')
     return {k: v[i] for k, v in self._arrays.items()}
 
+  def gather(self, rows) -> dict:
+    """Examples `rows` (B,) stacked into one batch dict (EXAMPLE_KEYS), by fancy indexing."""
+    rows = np.asarray(rows, np.int64)
+    return {k: v[rows] for k, v in self._arrays.items()}
+
   def __repr__(self) -> str:
     return f'SplitSource(n={self._n})'
 
@@ -190,9 +195,14 @@ def train_iterator(source, batch_size: int, seed: int, num_epochs: Optional[int]
   if batch_size < 1 or per_host < batch_size:
     raise DataError(f'training split of {n} examples over {count} host(s) gives {per_host} '
                     f'per host, fewer than the batch size {batch_size}; lower the batch size')
-  ds = grain.MapDataset.source(source).shuffle(seed=int(seed))
-  ds = ds[:per_host * count][index::count]
-  ds = ds.batch(batch_size, drop_remainder=True).map(_add_valid)
+  if isinstance(source, SplitSource):  # in memory: shuffle row numbers, gather whole batches
+    ds = grain.MapDataset.range(n).shuffle(seed=int(seed))
+  else:
+    ds = grain.MapDataset.source(source).shuffle(seed=int(seed))
+  ds = ds[:per_host * count][index::count].batch(batch_size, drop_remainder=True)
+  if isinstance(source, SplitSource):
+    ds = ds.map(source.gather)
+  ds = ds.map(_add_valid)
   ds = ds.repeat(num_epochs)
   options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
   return iter(ds.to_iter_dataset(options))

@@ -60,7 +60,9 @@ def prepare(cfg, data_dir: str) -> tfds.core.DatasetBuilder:
   """
   data = _data_cfg(cfg)
   builder = make_builder(cfg, data_dir)
-  if not builder.is_prepared():
+  with _quiet_absl():
+    prepared = builder.is_prepared()
+  if not prepared:
     manual_dir = os.path.abspath(os.path.expanduser(data.dir)) if data.dir else None
     if data.source == 'mmsa':  # a missing file or folder: the loader's clear message now
       for path in set(mmsa.resolve_split_paths(data, getattr(cfg, 'task', 'binary')).values()):
@@ -80,6 +82,8 @@ class TfdsSource:
             'audio' (La, Da) float32, 'audio_mask' (La,) float32, 'vision' (Lv, Dv) float32,
             'vision_mask' (Lv,) float32, 'label' () int32, 'index' () int32}
   Record order is the shuffled order of the files; `index` is the row in the split.
+  Decoding a record costs about 0.5 ms of Python (MOSI shapes); `pipeline.split_to_examples`
+  serves the same examples from memory when the split fits there.
   """
 
   def __init__(self, data_source, task: str):
