@@ -70,7 +70,7 @@ def zero_padding_row(grads):
 
 def clip_by_global_norm(grads, max_norm: float):
   """Scale grads so that their global norm is at most max_norm (no-op when max_norm <= 0)."""
-  norm = optax.global_norm(grads)
+  norm = optax.tree.norm(grads)
   if max_norm <= 0:
     return grads, norm
   factor = jnp.minimum(1.0, max_norm / (norm + 1e-12))

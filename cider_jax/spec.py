@@ -94,3 +94,18 @@ def build_model(config, spec: ModelSpec, bert_config: bert.BertConfig) -> CIDer:
       res_dropout=drop(m.res_dropout), embed_dropout=drop(m.embed_dropout),
       out_dropout=drop(m.out_dropout), positions=m.positions,
       cross_dataset=bool(m.cross_dataset), dtype=dtype)
+
+
+def parameter_counts(config) -> dict:
+  """The model of a config with nominal shapes (no data, no weights loaded): parameter counts."""
+  import jax
+  from cider_jax.models.cider import example_inputs
+  spec = nominal_spec(config)
+  bert_config = text_encoder_config(config, allow_default=True)
+  model = build_model(config, spec, bert_config)
+  dims = (bert_config.hidden_size,) + tuple(spec.feature_dims)
+  args = example_inputs(2, spec.seq_lens, dims, spec.num_classes)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))['params']
+  count = lambda t: int(sum(x.size for x in jax.tree.leaves(t)))
+  total, text = count(shapes), count(shapes['text_encoder'])
+  return {'params_total': total, 'params_text_encoder': text, 'params_cider': total - text}

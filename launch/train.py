@@ -26,28 +26,14 @@ _DRY_RUN = flags.DEFINE_bool(
     'one JSON line of parameter counts.')
 
 
-def dry_run(config) -> dict:
-  import jax
-  from cider_jax import spec as spec_lib
-  from cider_jax.models.cider import example_inputs
-  spec = spec_lib.nominal_spec(config)
-  bert_config = spec_lib.text_encoder_config(config, allow_default=True)
-  model = spec_lib.build_model(config, spec, bert_config)
-  dims = (bert_config.hidden_size,) + tuple(spec.feature_dims)
-  args = example_inputs(2, spec.seq_lens, dims, spec.num_classes)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))['params']
-  count = lambda t: int(sum(x.size for x in jax.tree.leaves(t)))
-  total, text = count(shapes), count(shapes['text_encoder'])
-  return {'params_total': total, 'params_text_encoder': text, 'params_cider': total - text}
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if _DRY_RUN.value:
-    print(json.dumps(dry_run(config)))
+    from cider_jax import spec
+    print(json.dumps(spec.parameter_counts(config)))
     return
   from cider_jax import train
   workdir = _WORKDIR.value or os.path.join(

@@ -1,0 +1,128 @@
+"""Checkpoints (orbax): `<workdir>/checkpoints/latest` (resume) and `…/best` (evaluation).
+
+Each checkpoint holds the train state (params, optimizer state, step, RNG, and the constants
+computed from the train split: prototypes, prior, bias-word table) and a JSON `meta` (config,
+model spec, epoch, early-stopping state, data-iterator state, bias vocabulary, history).
+Writes are atomic (orbax writes to a temporary directory and renames it), so a run killed
+during a save never leaves a checkpoint that looks complete.
+"""
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from cider_jax import spec as spec_lib
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+class Checkpoints:
+  """The run's two checkpoint series. `latest` keeps 2 so a damaged newest one has a fallback."""
+
+  def __init__(self, workdir: str):
+    self.root = os.path.join(workdir, 'checkpoints')
+    self.latest = _manager(os.path.join(self.root, 'latest'), max_to_keep=2)
+    self.best = _manager(os.path.join(self.root, 'best'), max_to_keep=1)
+
+  def save(self, which: str, step: int, state, meta: dict):
+    mgr = self.latest if which == 'latest' else self.best
+    mgr.save(int(step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(meta)))
+    mgr.wait_until_finished()
+
+  def read_meta(self, which: str, step: Optional[int] = None) -> Optional[dict]:
+    mgr = self.latest if which == 'latest' else self.best
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+      return None
+    return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+
+  def restore(self, which: str, abstract_state, config=None):
+    """(state, meta) of the newest readable checkpoint of a series, or None if it has none.
+
+    A damaged newest checkpoint gives a warning and the previous one is used. A checkpoint
+    made with another configuration (shapes, classes) raises CheckpointError naming it.
+    """
+    mgr = self.latest if which == 'latest' else self.best
+    steps = sorted(mgr.all_steps(), reverse=True)
+    errors = []
+    for step in steps:
+      try:
+        meta = self.read_meta(which, step)
+      except Exception as e:  # truncated / corrupt
+        errors.append(f'step {step}: {e}')
+        print(f'warning: checkpoint {which}/{step} is unreadable ({type(e).__name__}); '
+              'trying an older one', file=sys.stderr)
+        continue
+      if config is not None:
+        check_compatible(meta, config)
+      try:
+        restored = mgr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state)))
+      except Exception as e:
+        if _is_shape_error(e):
+          raise CheckpointError(f'checkpoint {which}/{step} in {self.root} does not fit this '
+                                f'configuration: {e}') from e
+        errors.append(f'step {step}: {e}')
+        print(f'warning: checkpoint {which}/{step} is unreadable ({type(e).__name__}: '
+              f'{str(e)[:200]}); trying an older one', file=sys.stderr)
+        continue
+      return restored['state'], meta
+    if errors:
+      raise CheckpointError(f'no readable {which} checkpoint in {self.root}: ' + '; '.join(errors))
+    return None
+
+
+def _is_shape_error(e: Exception) -> bool:
+  s = str(e).lower()
+  return 'shape' in s and ('mismatch' in s or 'expected' in s or 'does not match' in s)
+
+
+def spec_to_json(spec: spec_lib.ModelSpec) -> dict:
+  return dataclasses.asdict(spec)
+
+
+def spec_from_json(d: dict) -> spec_lib.ModelSpec:
+  return spec_lib.ModelSpec(tuple(d['seq_lens']), tuple(d['feature_dims']), int(d['num_classes']),
+                            bool(d['aligned']))
+
+
+# fields whose change makes a checkpoint unusable for a configuration
+ARCH_FIELDS = ('task', 'data.aligned', 'model.embed_dim', 'model.num_heads', 'model.layers',
+               'model.cross_dataset', 'model.text_encoder.num_layers')
+
+
+def _field(cfg: Any, dotted: str):
+  for part in dotted.split('.'):
+    cfg = cfg[part] if isinstance(cfg, dict) else getattr(cfg, part)
+  return cfg
+
+
+def check_compatible(meta: dict, config) -> None:
+  saved = meta.get('config')
+  if not saved:
+    return
+  for f in ARCH_FIELDS:
+    try:
+      a, b = _field(saved, f), _field(config, f)
+    except (KeyError, AttributeError):
+      continue
+    if a != b:
+      raise CheckpointError(f'the checkpoint was made with {f}={a!r}, the configuration has '
+                            f'{f}={b!r}; use a fresh --workdir or the matching config')
+
+
+def config_to_dict(config) -> dict:
+  return json.loads(config.to_json_best_effort())

@@ -1,0 +1,80 @@
+"""The model against the original PyTorch code, through shared/fixtures (REFERENCE §6)."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cider_jax.compat import check_reference
+from cider_jax.compat.reference import BUFFERS, flax_to_torch, infer_structure, torch_to_flax
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, '..', 'shared', 'fixtures')
+MODEL_FIXTURES = sorted(f for f in glob.glob(os.path.join(FIXTURES, '*.npz'))
+                        if not f.endswith('maci_bias.npz'))
+
+
+def test_fixtures_present():
+  assert len(MODEL_FIXTURES) >= 2, f'no model fixtures under {FIXTURES}'
+
+
+@pytest.mark.parametrize('path', MODEL_FIXTURES, ids=os.path.basename)
+def test_check_reference_within_tolerance(path):
+  diffs, failed = check_reference.compare(path)
+  assert not failed, {k: diffs[k] for k in failed}
+  z = np.load(path)
+  # every output, loss and parameter of the fixture was compared
+  expected = {k for k in z.files if k.startswith(('output/', 'loss/'))}
+  expected |= {k for k in z.files if k.startswith('param_after_step/')
+               and k.split('/', 1)[1] not in BUFFERS}
+  assert expected <= set(diffs)
+  # outputs and losses: float32 on these sizes agrees to ~1e-6; the bound is 1e-4
+  assert max(v for k, v in diffs.items() if k.startswith(('output/', 'loss/'))) < 1e-4
+  normal = [v for k, v in diffs.items()
+            if k.startswith('param_after_step/') and not k.endswith('_small_grad')]
+  assert max(normal) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('path', MODEL_FIXTURES[:1], ids=os.path.basename)
+def test_check_reference_cli(path):
+  r = subprocess.run([sys.executable, '-m', 'cider_jax.compat.check_reference', path],
+                     capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 0, r.stderr
+  last = json.loads(r.stdout.strip().splitlines()[-1])
+  assert 'output/full/pred' in last and 'loss/loss_task' in last
+  assert all(isinstance(v, float) for v in last.values())
+
+
+def test_check_reference_detects_a_wrong_parameter(tmp_path):
+  small = min(MODEL_FIXTURES, key=os.path.getsize)
+  z = dict(np.load(small))
+  z['param/proj1.bias'] = z['param/proj1.bias'] + 1e-2
+  bad = tmp_path / 'bad.npz'
+  np.savez(bad, **z)
+  diffs, failed = check_reference.compare(str(bad))
+  assert 'output/full/pred' in failed
+
+
+def test_check_reference_bad_file(tmp_path):
+  p = tmp_path / 'x.npz'
+  p.write_text('not a fixture')
+  r = subprocess.run([sys.executable, '-m', 'cider_jax.compat.check_reference', str(p)],
+                     capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 2 and 'not a fixture' in r.stderr and 'Traceback' not in r.stderr
+
+
+@pytest.mark.parametrize('path', MODEL_FIXTURES, ids=os.path.basename)
+def test_converter_round_trip_exact(path):
+  z = np.load(path)
+  state = {k[len('param/'):]: z[k] for k in z.files if k.startswith('param/')}
+  _, _, cross = infer_structure(state)
+  back = flax_to_torch(torch_to_flax(state), cross_dataset=cross)
+  assert set(back) == set(state)
+  for k, v in state.items():
+    if k in BUFFERS:
+      continue  # regenerated constants
+    np.testing.assert_array_equal(back[k], v, err_msg=k)
