@@ -78,6 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.counterfactual_metrics = False  # also compute debiased train accuracy inside the step
   train.eval_batch_size = 256   # batch size for validation and evaluation
   train.evaluate_at_end = True  # run the full evaluation on the best checkpoint after training
+  train.compilation_cache = '~/.cache/cider_jax/xla'  # persistent XLA cache ('' = off)
 
   # ---------------------------------------------------------------- MACI (REFERENCE §5)
   config.maci = maci = ml_collections.ConfigDict()
