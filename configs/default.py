@@ -85,6 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
   maci.top_k = 100              # number of bias words kept
   maci.cv_threshold = 0.1       # coefficient of variation threshold for a bias word
   maci.tau_grid = (0.0, 3.0, 0.1)  # counterfactual strength grid (start, stop inclusive, step)
+  maci.train_tau = 1.0          # τ of the debiased training accuracy (train.counterfactual_metrics)
 
   # ---------------------------------------------------------------- evaluation
   config.eval = ev = ml_collections.ConfigDict()
