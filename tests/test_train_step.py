@@ -95,7 +95,7 @@ def test_padding_row_gets_no_gradient_but_weight_decay(one_step):
     g = 1e-3 * w
     m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
     w = w - 5e-5 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.999 ** t)) + 1e-8)
-  np.testing.assert_allclose(emb1[0], w, rtol=0, atol=1e-9)
+  np.testing.assert_allclose(emb1[0], w, rtol=0, atol=5e-9)  # float32 ulp at |w| < 0.05
 
 
 @pytest.mark.slow
