@@ -22,35 +22,40 @@ from cider_jax.models.mct import MCT
 from cider_jax.models.wsam import WSAM, wsam_mask
 
 
-class GRU(nn.Module):
-  """One-layer GRU over all steps, torch gate layout r|z|n, separate input/hidden biases."""
+class GRUWeights(nn.Module):
+  """Parameters of a one-layer GRU, torch layout: gates r|z|n, separate input/hidden biases."""
   hidden: int
-  dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    """x (B, T, E) → outputs (B, T, hidden); initial state zero."""
+  def __call__(self, in_dim: int):
     H = self.hidden
     bound = H ** -0.5
     init = lambda k, s: jax.random.uniform(k, s, jnp.float32, -bound, bound)
-    w_ih = self.param('w_ih', init, (x.shape[-1], 3 * H))
-    w_hh = self.param('w_hh', init, (H, 3 * H))
-    b_ih = self.param('b_ih', init, (3 * H,))
-    b_hh = self.param('b_hh', init, (3 * H,))
-    gx = (jnp.einsum('bte,eg->btg', x.astype(self.dtype), w_ih.astype(self.dtype))
-          .astype(jnp.float32) + b_ih)
+    return (self.param('w_ih', init, (in_dim, 3 * H)), self.param('w_hh', init, (H, 3 * H)),
+            self.param('b_ih', init, (3 * H,)), self.param('b_hh', init, (3 * H,)))
 
-    def step(h, g):
-      gh = jnp.dot(h.astype(self.dtype), w_hh.astype(self.dtype)).astype(jnp.float32) + b_hh
-      r = jax.nn.sigmoid(g[:, :H] + gh[:, :H])
-      z = jax.nn.sigmoid(g[:, H:2 * H] + gh[:, H:2 * H])
-      n = jnp.tanh(g[:, 2 * H:] + r * gh[:, 2 * H:])
-      h = (1.0 - z) * n + z * h
-      return h, h
 
-    h0 = jnp.zeros((x.shape[0], H), jnp.float32)
-    _, hs = jax.lax.scan(step, h0, jnp.swapaxes(gx, 0, 1))
-    return jnp.swapaxes(hs, 0, 1)
+def gru_scan(x, w_ih, w_hh, b_ih, b_hh, dtype=jnp.float32):
+  """M independent GRUs run in one scan over time (initial state zero, all steps).
+
+  x (M, B, T, E); w_ih (M, E, 3H), w_hh (M, H, 3H), b_ih / b_hh (M, 3H) → (M, B, T, H).
+  """
+  H = w_hh.shape[1]
+  gx = (jnp.einsum('mbte,meg->mbtg', x.astype(dtype), w_ih.astype(dtype)).astype(jnp.float32)
+        + b_ih[:, None, None, :])
+
+  def step(h, g):
+    gh = (jnp.einsum('mbh,mhg->mbg', h.astype(dtype), w_hh.astype(dtype)).astype(jnp.float32)
+          + b_hh[:, None, :])
+    r = jax.nn.sigmoid(g[..., :H] + gh[..., :H])
+    z = jax.nn.sigmoid(g[..., H:2 * H] + gh[..., H:2 * H])
+    n = jnp.tanh(g[..., 2 * H:] + r * gh[..., 2 * H:])
+    h = (1.0 - z) * n + z * h
+    return h, h
+
+  h0 = jnp.zeros(x.shape[:2] + (H,), jnp.float32)
+  _, hs = jax.lax.scan(step, h0, jnp.moveaxis(gx, 2, 0))   # (T, M, B, H)
+  return jnp.moveaxis(hs, 0, 2)
 
 
 class SequenceDecoder(nn.Module):
@@ -114,8 +119,11 @@ class CIDer(nn.Module):
       x_a = wsam_a(x_l, x_a, wsam_mask(text_mask, audio_mask, lengths))
       x_v = wsam_v(x_l, x_v, wsam_mask(text_mask, vision_mask, lengths))
 
-    h = jnp.concatenate([GRU(E, self.dtype, name=f'gru_{m}')(x)
-                         for m, x in (('l', x_l), ('a', x_a), ('v', x_v))], axis=1)
+    # the three modality GRUs share one scan over the L word positions
+    weights = [GRUWeights(E, name=f'gru_{m}')(E) for m in 'lav']
+    stacked = [jnp.stack(w) for w in zip(*weights)]
+    hs = gru_scan(jnp.stack([x_l, x_a, x_v]), *stacked, dtype=self.dtype)
+    h = jnp.concatenate([hs[0], hs[1], hs[2]], axis=1)
     h, scores = MCT(E, self.num_heads, self.layers, self.attn_dropout, self.relu_dropout,
                     self.res_dropout, self.embed_dropout, self.positions, self.dtype,
                     name='mct')(h, deterministic)
