@@ -79,6 +79,19 @@ def eval_consts(c, vocab_size, num_classes):
           'bias_table': counterfactual.bias_lookup_table(c['bias_vocab'], vocab_size)}
 
 
+def check_token_ids(splits, vocab_size: int) -> None:
+  """Token ids must index the text encoder's vocabulary (checked before any compilation)."""
+  from cider_jax.data.validate import DataError
+  for name, split in splits.items():
+    bad = np.argwhere(split.text_ids >= vocab_size)
+    if bad.size:
+      i, j = bad[0]
+      raise DataError(f'split {name!r}, field text_bert (token ids), example {i}: id '
+                      f'{split.text_ids[i, j]} at position {j} is beyond the text encoder\'s '
+                      f'vocabulary of {vocab_size}; was the text tokenised for another BERT?',
+                      split=name, field='text_bert', index=int(i))
+
+
 # ------------------------------------------------------------------------------ validation
 
 def validate(eval_fn, params, consts, split, config, n_devices, rate=0.0):
@@ -143,6 +156,7 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
   splits = pipeline.load_splits(config, workdir)
   spec = spec_lib.spec_from_split(splits['train'], config)
   bert_config = spec_lib.text_encoder_config(config)
+  check_token_ids(splits, bert_config.vocab_size)
   encoder, encoder_vars = bert.load_pretrained(config.model.text_encoder.path,
                                                config.model.text_encoder.num_layers)
   c = constants(config, splits, spec, encoder, encoder_vars, workdir)
@@ -196,13 +210,14 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
         r_state, m = p_step(r_state, parallel.shard(batch, n_dev))
         step += 1
         done_in_epoch = pipeline.position_in_epoch(it, steps_per_epoch)
+        sm = _scalar_metrics(m)  # waits for the step; the next batch is prefetched meanwhile
+        if not all(np.isfinite(v) for k, v in sm.items() if k.startswith(('loss', 'grad'))):
+          raise TrainingError(
+              f'non-finite loss or gradient at step {step}: ' + ', '.join(
+                  f'{k}={v:.4g}' for k, v in sm.items() if k.startswith(('loss', 'grad'))) +
+              f'; stopped, the last good checkpoint is kept in {ckpts.root}/latest '
+              '(lower optim.lr or set optim.grad_clip)')
         if step % config.train.log_every == 0 or done_in_epoch == 0:
-          sm = _scalar_metrics(m)
-          if not np.isfinite(sm['loss']) or not np.isfinite(sm['loss_task']):
-            raise TrainingError(
-                f'non-finite loss at step {step}: ' + ', '.join(
-                    f'{k}={v:.4g}' for k, v in sm.items() if k.startswith('loss')) +
-                '; the last good checkpoint is kept in ' + ckpts.root)
           _log(metrics_path, dict(step=step, epoch=epoch, **sm))
           bar.set_postfix(loss=f'{sm["loss"]:.3f}',
                           sps=f'{bar.n * config.train.batch_size / max(time.time() - t0, 1e-9):.0f}')
