@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 
 from cider_jax.data import mmsa
 from cider_jax.data.mmsa import DataError
-from conftest import make_mmsa
+from tests.conftest import make_mmsa
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cider_jax.data import load_splits, mmsa, pipeline
-from conftest import make_mmsa
+from tests.conftest import make_mmsa
 
 SHAPES = dict(text_len=10, audio_len=12, vision_len=9, audio_dim=5, vision_dim=20)
 DTYPES = {'text_ids': np.int32, 'text_mask': np.float32, 'text_segments': np.int32,
