@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   synthetic.vision_len = 500    # vision frames (MOSI unaligned: 500)
   synthetic.audio_dim = 5       # audio feature size (MOSI: 5)
   synthetic.vision_dim = 20     # vision feature size (MOSI: 20)
+  synthetic.shifted_valid = False  # validation split drawn like the shifted test split
 
   # ---------------------------------------------------------------- task
   config.task = 'binary'        # 'binary' (the 3-class neg/neutral/pos task) or 'seven'

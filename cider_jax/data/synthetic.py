@@ -123,6 +123,7 @@ def synthetic_params(cfg) -> dict:
     raise DataError(f'config.data.synthetic is missing {missing}; expected the fields '
                     f'{list(PARAM_NAMES)}')
   params = {k: int(v) for k, v in params.items()}
+  params['shifted_valid'] = int(bool(_field(cfg, 'shifted_valid', False)))
   for k in ('n_train', 'n_valid', 'n_test', 'audio_len', 'vision_len', 'audio_dim',
             'vision_dim'):
     if params[k] < 1:
@@ -261,7 +262,10 @@ def _split(params, split, tokenizer):
   score = np.where(true_class == 1, 0.0, np.where(true_class == 2, 1.0, -1.0) * steps / 3.0)
   intensity = np.abs(score) / 3.0
   text_class = _perceived(rng, true_class, _MISPERCEIVED['text'])
-  shifted = split == 'test'
+  # the test split is shifted (cue independent of the label); with shifted_valid the
+  # validation split follows the test distribution, so choices made on it (checkpoint, τ)
+  # see the shift without looking at test labels
+  shifted = split == 'test' or (split == 'valid' and bool(params['shifted_valid']))
   max_tokens = params['text_len'] - 2
   sentences = [_sentence(rng, int(text_class[i]), int(true_class[i]), float(intensity[i]), shifted,
                          max_tokens) for i in range(n)]

@@ -1,0 +1,37 @@
+"""Evaluate the best checkpoint of a run on every missing mode × rate, factual and debiased.
+
+  python launch/evaluate.py --config configs/quickstart.py --workdir runs/quickstart
+
+Writes WORKDIR/eval/report.json, report.csv, predictions.npz and plots; prints a table.
+τ (counterfactual strength) is chosen on the validation split.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'The config the run was trained with (configs/*.py, same overrides).')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s directory.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)
+  from cider_jax import evaluate, parallel
+  config = _CONFIG.value
+  parallel.enable_compilation_cache(config.train.compilation_cache)
+  try:
+    evaluate.evaluate(config, _WORKDIR.value)
+  except (evaluate.EvaluationError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)
