@@ -37,7 +37,7 @@ def main(argv):
     return
   from cider_jax import train
   workdir = _WORKDIR.value or os.path.join(
-      'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(_CONFIG)))[0])
+      'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS['config'])))[0])
   train.train_and_evaluate(config, workdir)
 
 
