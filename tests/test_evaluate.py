@@ -1,0 +1,111 @@
+"""Evaluation of a checkpoint: report structure, τ chosen on validation, predictions, errors."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import quickstart
+from cider_jax import checkpoint as ckpt_lib
+from cider_jax import evaluate as eval_lib
+from cider_jax import metrics, spec as spec_lib, train
+from cider_jax.data import pipeline
+
+
+def _config(tmp):
+  c = quickstart.get_config()
+  s = c.data.synthetic
+  s.n_train, s.n_valid, s.n_test = 48, 40, 40
+  s.text_len, s.audio_len, s.vision_len = 12, 20, 24
+  c.data.cache_dir = str(tmp / 'cache')
+  c.model.text_encoder.num_layers = 1
+  c.model.layers = 1
+  c.eval.modes = ('RMFM', 'RMM')
+  c.eval.rates = (0.0, 0.5, 1.0)
+  c.train.eval_batch_size = 16
+  c.train.compilation_cache = ''
+  return c
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """A workdir holding a (randomly initialised) best checkpoint, then its evaluation."""
+  tmp = tmp_path_factory.mktemp('eval')
+  config, workdir = _config(tmp), str(tmp / 'run')
+  os.makedirs(workdir)
+  splits = pipeline.load_splits(config, workdir)
+  spec = spec_lib.spec_from_split(splits['train'], config)
+  bert_config = spec_lib.text_encoder_config(config)
+  rng = np.random.RandomState(0)
+  c = {'cls_feats': rng.randn(3, bert_config.hidden_size + 25).astype(np.float32),
+       'prior': np.array([0.4, 0.2, 0.4], np.float32),
+       'bias_vocab': np.unique(splits['train'].text_ids[:, 1:4]).astype(np.int32)}
+  np.savez(os.path.join(workdir, 'constants.npz'), **c)
+  _, _, _, state = train.init_state(config, spec, bert_config,
+                                    train.train_consts(c, bert_config.vocab_size))
+  meta = {'epoch': 1, 'best': 0.5, 'best_epoch': 1, 'config': ckpt_lib.config_to_dict(config),
+          'spec': ckpt_lib.spec_to_json(spec)}
+  ckpt_lib.Checkpoints(workdir).save('best', 1, state, meta)
+  report = eval_lib.evaluate(config, workdir)
+  return config, workdir, report
+
+
+def test_report_has_every_mode_and_rate(run):
+  config, workdir, report = run
+  on_disk = json.load(open(os.path.join(workdir, 'eval', 'report.json')))
+  assert on_disk['tau']['selected_on'] == 'valid'
+  for mode in ('RMFM', 'RMM'):
+    m = on_disk['modes'][mode]
+    assert m['rates'] == [0.0, 0.5, 1.0]
+    for variant in ('factual', 'debiased'):
+      assert len(m[variant]['Non0_acc_2']) == 3
+      assert set(m['auilc'][variant]) >= {'Acc_3', 'Non0_acc_2', 'Has0_F1'}
+  assert set(on_disk['specific_modality']) == {'L', 'A', 'V', 'LA', 'LV', 'AV', 'LAV'}
+  assert 'test_oracle' in on_disk
+  for f in ('report.csv', 'predictions.npz', 'Non0_acc_2_vs_rate.png'):
+    assert os.path.exists(os.path.join(workdir, 'eval', f))
+
+
+def test_numbers_recompute_from_predictions(run):
+  """τ is the validation argmax of the same setting; test numbers follow from predictions.npz."""
+  config, workdir, report = run
+  z = np.load(os.path.join(workdir, 'eval', 'predictions.npz'))
+  taus = metrics.tau_grid(*config.maci.tau_grid)
+  for mode in ('RMFM', 'RMM'):
+    for i, rate in enumerate((0.0, 0.5, 1.0)):
+      v = {k: z[f'valid/{mode}/{rate:.1f}/{k}'] for k in ('labels', 'factual', 'counterfactual')}
+      t = {k: z[f'test/{mode}/{rate:.1f}/{k}'] for k in ('labels', 'factual', 'counterfactual')}
+      per_tau = metrics.metrics_per_tau(v['factual'], v['counterfactual'], v['labels'],
+                                        'binary', taus)['Non0_acc_2']
+      tau = report['modes'][mode]['tau'][i]
+      assert per_tau[list(taus).index(tau)] == np.nanmax(per_tau)
+      assert list(taus).index(tau) == int(np.nanargmax(per_tau))  # ties: smallest τ
+      fact = metrics.classification_metrics(t['factual'], t['labels'], 'binary')
+      deb = metrics.classification_metrics(t['factual'] - tau * t['counterfactual'],
+                                           t['labels'], 'binary')
+      assert report['modes'][mode]['factual']['Acc_3'][i] == pytest.approx(fact['Acc_3'])
+      assert report['modes'][mode]['debiased']['Acc_3'][i] == pytest.approx(deb['Acc_3'])
+  m = report['modes']['RMFM']
+  assert m['auilc']['factual']['Acc_3'] == pytest.approx(
+      np.trapezoid(m['factual']['Acc_3'], m['rates']))
+
+
+def test_missing_workdir_is_a_clear_error(tmp_path):
+  with pytest.raises(eval_lib.EvaluationError, match='does not exist'):
+    eval_lib.evaluate(_config(tmp_path), str(tmp_path / 'nowhere'))
+
+
+def test_aligned_only_mode_on_unaligned_data(tmp_path):
+  c = _config(tmp_path)
+  c.eval.modes = ('TMFM',)
+  with pytest.raises(eval_lib.EvaluationError, match='word-aligned'):
+    eval_lib.evaluate(c, str(tmp_path))
+
+
+def test_checkpoint_of_another_configuration(run):
+  config, workdir, _ = run
+  from pathlib import Path
+  other = _config(Path(workdir).parent)
+  other.task = 'seven'
+  with pytest.raises(ckpt_lib.CheckpointError, match='task'):
+    eval_lib.evaluate(other, workdir)
