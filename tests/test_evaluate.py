@@ -109,3 +109,17 @@ def test_checkpoint_of_another_configuration(run):
   other.task = 'seven'
   with pytest.raises(ckpt_lib.CheckpointError, match='task'):
     eval_lib.evaluate(other, workdir)
+
+
+def test_predict_new_samples(run):
+  import cider_jax
+  config, workdir, report = run
+  rng = np.random.RandomState(1)
+  audio = [rng.randn(7, 5), rng.randn(30, 5)]      # shorter and longer than the run's 20
+  vision = [rng.randn(24, 20), rng.randn(3, 20)]
+  out = cider_jax.predict(workdir, ['what a wonderful film', 'it was dull'], audio, vision)
+  assert out['probs'].shape == (2, 3) and out['probs_debiased'].shape == (2, 3)
+  np.testing.assert_allclose(out['probs'].sum(1), 1.0, atol=1e-5)
+  assert out['tau'] == report['tau']['value']
+  with pytest.raises(ValueError, match='audio\\[0\\]'):
+    cider_jax.predict(workdir, ['x'], [rng.randn(4, 6)], [rng.randn(4, 20)])
