@@ -1,0 +1,110 @@
+"""Time the compiled MSSD train step (teacher + student update) on random inputs.
+
+  python launch/bench.py                                  # MiniLM-size BERT, batch 32
+  python launch/bench.py --bert_hidden 48 --bert_layers 1 --bert_heads 2   # tiny BERT
+  python launch/bench.py --config.model.dtype=bfloat16
+
+Shapes are MOSI unaligned (L 50, La 375, Lv 500, Da 5, Dv 20; --aligned: 50/50/50), 3
+classes, a randomly initialised BERT of the given size. Prints one JSON line: ms_per_iter,
+samples_per_s, compile_s, peak_rss_mb, device, flops_per_iter (XLA cost analysis),
+fraction_of_peak (when --peak_gflops is known) and the settings.
+"""
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'default.py'),
+    'Config whose model / loss / optimiser fields are used (data fields are ignored).')
+_BATCH = flags.DEFINE_integer('batch', 32, 'Global batch size.')
+_HIDDEN = flags.DEFINE_integer('bert_hidden', 384, 'BERT hidden size.')
+_LAYERS = flags.DEFINE_integer('bert_layers', 6, 'BERT layers.')
+_HEADS = flags.DEFINE_integer('bert_heads', 12, 'BERT attention heads.')
+_ALIGNED = flags.DEFINE_bool('aligned', False, 'Word-aligned shapes (50/50/50, no WSAM).')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+_DEVICES = flags.DEFINE_integer('devices', 0, 'Devices to pmap over (0: all local devices).')
+_PEAK = flags.DEFINE_float('peak_gflops', 0.0, 'Peak GFLOP/s of the devices used (0: the '
+                           'known value for 2 Zen-4 CPU cores, 166, on CPU; else unknown).')
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  import jax
+  import numpy as np
+  from cider_jax import counterfactual, parallel, train
+  from cider_jax.models.bert import BertConfig
+  from cider_jax.spec import ModelSpec
+
+  config = _CONFIG.value
+  config.train.batch_size = _BATCH.value
+  n_dev = _DEVICES.value or jax.local_device_count()
+  parallel.check_batch(_BATCH.value, n_dev)
+  bert_config = BertConfig(hidden_size=_HIDDEN.value, num_hidden_layers=_LAYERS.value,
+                           num_attention_heads=_HEADS.value, intermediate_size=4 * _HIDDEN.value)
+  lens = (50, 50, 50) if _ALIGNED.value else (50, 375, 500)
+  spec = ModelSpec(lens, (5, 20), 3, _ALIGNED.value)
+  rng = np.random.RandomState(0)
+  consts = {'cls_feats': rng.randn(3, _HIDDEN.value + 25).astype(np.float32),
+            'cls_probs': np.full((3,), 1 / 3, np.float32),
+            'bias_table': counterfactual.bias_lookup_table(np.arange(1000, 1100), 30522)}
+  model, tx, labels, state = train.init_state(config, spec, bert_config, consts)
+  B, (L, La, Lv) = _BATCH.value, lens
+  lengths = rng.randint(L // 2, L + 1, size=B)
+  tm = (np.arange(L)[None] < lengths[:, None]).astype(np.float32)
+  ids = rng.randint(1000, 30000, size=(B, L))
+  ids[:, 0], ids[np.arange(B), lengths - 1] = 101, 102
+  batch = {'text_ids': (ids * tm).astype(np.int32), 'text_mask': tm,
+           'text_segments': np.zeros((B, L), np.int32),
+           'audio': rng.randn(B, La, 5).astype(np.float32), 'audio_mask': np.ones((B, La), np.float32),
+           'vision': rng.randn(B, Lv, 20).astype(np.float32), 'vision_mask': np.ones((B, Lv), np.float32),
+           'label': rng.randint(0, 3, size=B).astype(np.int32), 'valid': np.ones(B, np.float32)}
+  batch = parallel.shard(batch, n_dev)
+  devices = jax.local_devices()[:n_dev]
+  import functools
+  from cider_jax.train_step import train_step
+  fn = functools.partial(train_step, model=model, tx=tx, labels=labels, config=config,
+                         axis_name='batch')
+  step = jax.pmap(fn, axis_name='batch', devices=devices, donate_argnums=(0,))
+  r_state = jax.pmap(lambda x: x, devices=devices)(
+      jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n_dev,) + np.shape(x)), state))
+  t0 = time.time()
+  compiled = step.lower(r_state, batch).compile()
+  compile_s = time.time() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get('flops', 0.0)) if cost else 0.0
+  r_state, m = step(r_state, batch)  # the first call may trace once more
+  for _ in range(_WARMUP.value):
+    r_state, m = step(r_state, batch)
+  jax.block_until_ready(m)
+  t0 = time.time()
+  for _ in range(_STEPS.value):
+    r_state, m = step(r_state, batch)
+  jax.block_until_ready(m)
+  ms = (time.time() - t0) / _STEPS.value * 1000
+  platform = devices[0].platform
+  peak = _PEAK.value or (166.0 if platform == 'cpu' else 0.0)
+  out = {'ms_per_iter': round(ms, 2), 'samples_per_s': round(B / ms * 1000, 2),
+         'compile_s': round(compile_s, 2),
+         'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+         'device': f'{platform}:{devices[0].device_kind} x{n_dev}',
+         'flops_per_iter': flops,
+         'fraction_of_peak': (round(flops / (ms / 1000) / (peak * 1e9), 3) if peak and flops
+                              else None),
+         'batch': B, 'bert_hidden': _HIDDEN.value, 'bert_layers': _LAYERS.value,
+         'bert_heads': _HEADS.value, 'aligned': _ALIGNED.value, 'dtype': config.model.dtype,
+         'loss': float(np.asarray(m['loss'])[0])}
+  print(json.dumps(out))
+
+
+if __name__ == '__main__':
+  app.run(main)
