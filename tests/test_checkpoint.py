@@ -1,0 +1,63 @@
+"""Checkpoint faults: a damaged newest checkpoint falls back, another configuration is refused."""
+import glob
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cider_jax import checkpoint as ckpt_lib
+from cider_jax import train
+from tests.helpers import tiny
+
+
+@pytest.fixture(scope='module')
+def state():
+  return train.init_state(tiny.config(), tiny.SPEC, tiny.TINY_BERT, tiny.consts())[3]
+
+
+def _meta(config, step):
+  return {'epoch': step, 'config': ckpt_lib.config_to_dict(config),
+          'spec': ckpt_lib.spec_to_json(tiny.SPEC)}
+
+
+def test_damaged_latest_falls_back_to_the_previous_one(tmp_path, state, capsys):
+  config = tiny.config()
+  ck = ckpt_lib.Checkpoints(str(tmp_path))
+  older = state.replace(step=state.step + 5)
+  newer = state.replace(step=state.step + 9)
+  ck.save('latest', 5, older, _meta(config, 5))
+  ck.save('latest', 9, newer, _meta(config, 9))
+  # damage every array file of the newest checkpoint
+  files = [f for f in glob.glob(str(tmp_path / 'checkpoints/latest/9/state/**/*'), recursive=True)
+           if os.path.isfile(f) and os.path.getsize(f) > 0]
+  assert files
+  for f in files:
+    with open(f, 'r+b') as fh:
+      fh.truncate(max(1, os.path.getsize(f) // 3))
+  restored, meta = ckpt_lib.Checkpoints(str(tmp_path)).restore('latest', state, config)
+  assert int(restored.step) == 5 and meta['epoch'] == 5
+  assert 'checkpoint latest/9 is unreadable' in capsys.readouterr().err
+
+
+def test_checkpoint_of_another_configuration_is_refused(tmp_path, state):
+  config = tiny.config()
+  ck = ckpt_lib.Checkpoints(str(tmp_path))
+  ck.save('latest', 1, state, _meta(config, 1))
+  other = tiny.config()
+  other.model.num_heads = 8
+  with pytest.raises(ckpt_lib.CheckpointError, match='model.num_heads=4.*model.num_heads=8'):
+    ck.restore('latest', state, other)
+
+
+def test_round_trip_is_exact(tmp_path, state):
+  config = tiny.config()
+  ck = ckpt_lib.Checkpoints(str(tmp_path))
+  ck.save('best', 3, state, _meta(config, 3))
+  restored, _ = ck.restore('best', state, config)
+  for a, b in zip(jax.tree.leaves(jax.device_get(state)), jax.tree.leaves(restored)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_no_checkpoint_gives_none(tmp_path, state):
+  assert ckpt_lib.Checkpoints(str(tmp_path)).restore('latest', state, tiny.config()) is None
