@@ -9,11 +9,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cider_jax import counterfactual as cf
+from tests.helpers.shared import fixtures_dir
 
-FIXTURE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'fixtures',
-                       'maci_bias.npz')
-if not os.path.exists(FIXTURE):
-  FIXTURE = '/work/shared/fixtures/maci_bias.npz'
+FIXTURE = os.path.join(fixtures_dir(), 'maci_bias.npz')
 
 CASES = [  # (fixture case, task, top_k, train label key)
     ('binary_top100', 'binary', 100, 'classification_labels'),
@@ -24,8 +22,6 @@ CASES = [  # (fixture case, task, top_k, train label key)
 
 @pytest.fixture(scope='module')
 def fixture():
-  if not os.path.exists(FIXTURE):
-    pytest.skip(f'fixture not found: {FIXTURE}')
   with np.load(FIXTURE) as z:
     return {k: z[k] for k in z.files}
 

@@ -10,9 +10,10 @@ import pytest
 
 from cider_jax.compat import check_reference
 from cider_jax.compat.reference import BUFFERS, flax_to_torch, infer_structure, torch_to_flax
+from tests.helpers.shared import fixtures_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, '..', 'shared', 'fixtures')
+FIXTURES = fixtures_dir()
 MODEL_FIXTURES = sorted(f for f in glob.glob(os.path.join(FIXTURES, '*.npz'))
                         if not f.endswith('maci_bias.npz'))
 
