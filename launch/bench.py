@@ -9,6 +9,7 @@ classes, a randomly initialised BERT of the given size. Prints one JSON line: ms
 samples_per_s, compile_s, peak_rss_mb, device, flops_per_iter (XLA cost analysis),
 fraction_of_peak (when --peak_gflops is known) and the settings.
 """
+import functools
 import json
 import os
 import resource
@@ -43,6 +44,7 @@ def main(argv):
   from cider_jax import counterfactual, parallel, train
   from cider_jax.models.bert import BertConfig
   from cider_jax.spec import ModelSpec
+  from cider_jax.train_step import train_step
 
   config = _CONFIG.value
   config.train.batch_size = _BATCH.value
@@ -69,8 +71,6 @@ def main(argv):
            'label': rng.randint(0, 3, size=B).astype(np.int32), 'valid': np.ones(B, np.float32)}
   batch = parallel.shard(batch, n_dev)
   devices = jax.local_devices()[:n_dev]
-  import functools
-  from cider_jax.train_step import train_step
   fn = functools.partial(train_step, model=model, tx=tx, labels=labels, config=config,
                          axis_name='batch')
   step = jax.pmap(fn, axis_name='batch', devices=devices, donate_argnums=(0,))
