@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from cider_jax import checkpoint as ckpt_lib
+from cider_jax import configuration
 from cider_jax import eval_step, masks, metrics, parallel
 from cider_jax import spec as spec_lib
 from cider_jax.data import pipeline
@@ -226,6 +227,7 @@ def evaluate(config, workdir: str) -> dict:
     if mode in masks.ALIGNED_ONLY_MODES and not config.data.aligned:
       raise EvaluationError(f'eval.modes has {mode}, which needs word-aligned data '
                             '(data.aligned=True)')
+  configuration.validate(config, check_devices=False)
   model, params, consts, spec, meta = restore_best(config, workdir)
   print(f'evaluating the best checkpoint (epoch {meta.get("best_epoch")}, step '
         f'{meta.get("step", "?")}) of {workdir}', flush=True)

@@ -9,6 +9,7 @@ from typing import Tuple
 
 import jax.numpy as jnp
 
+from cider_jax import configuration
 from cider_jax.models import bert
 from cider_jax.models.cider import CIDer
 
@@ -100,6 +101,7 @@ def parameter_counts(config) -> dict:
   """The model of a config with nominal shapes (no data, no weights loaded): parameter counts."""
   import jax
   from cider_jax.models.cider import example_inputs
+  configuration.validate(config, check_paths=False)
   spec = nominal_spec(config)
   bert_config = text_encoder_config(config, allow_default=True)
   model = build_model(config, spec, bert_config)

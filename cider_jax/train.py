@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cider_jax import checkpoint as ckpt_lib
+from cider_jax import configuration
 from cider_jax import counterfactual, eval_step, masks, metrics, optim, parallel
 from cider_jax import prototypes as proto_lib
 from cider_jax import spec as spec_lib
@@ -147,6 +148,7 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
   """Train (resuming from <workdir>/checkpoints/latest if present), then evaluate the best."""
   from tqdm import tqdm
   parallel.initialize(config.distributed)
+  configuration.validate(config)  # after initialize: it counts the devices
   parallel.enable_compilation_cache(config.train.compilation_cache)
   os.makedirs(workdir, exist_ok=True)
   n_dev = jax.local_device_count()

@@ -13,6 +13,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from cider_jax import configuration  # noqa: E402
+from cider_jax.data.validate import DataError  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The config the run was trained with (configs/*.py, same overrides).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s directory.')
@@ -31,7 +34,10 @@ def main(argv):
   except (evaluate.EvaluationError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except (configuration.ConfigError, DataError) as e:
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=configuration.parse_flags)

@@ -15,6 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from cider_jax import configuration  # noqa: E402
+from cider_jax.data.validate import DataError  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', os.path.join(os.path.dirname(__file__), '..', 'configs', 'quickstart.py'),
     'Path to a config file (configs/*.py); fields can be overridden with --config.a.b=value.')
@@ -31,15 +34,19 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
-  if _DRY_RUN.value:
-    from cider_jax import spec
-    print(json.dumps(spec.parameter_counts(config)))
-    return
-  from cider_jax import train
-  workdir = _WORKDIR.value or os.path.join(
-      'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS['config'])))[0])
-  train.train_and_evaluate(config, workdir)
+  try:
+    if _DRY_RUN.value:
+      from cider_jax import spec
+      print(json.dumps(spec.parameter_counts(config)))
+      return
+    from cider_jax import train
+    workdir = _WORKDIR.value or os.path.join(
+        'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS['config'])))[0])
+    train.train_and_evaluate(config, workdir)
+  except (configuration.ConfigError, DataError) as e:
+    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
+    sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=configuration.parse_flags)

@@ -10,6 +10,11 @@ import numpy as np
 
 _REQUIRED = ('text_bert', 'audio', 'vision', 'regression_labels')
 
+# [CLS] / [SEP] ids of the BERT uncased vocabularies (bert-base-uncased, all-MiniLM-L6-v2),
+# as in cider_jax.counterfactual: every text is [CLS] ... [SEP] then padding.
+CLS_ID = 101
+SEP_ID = 102
+
 
 class DataError(ValueError):
   """A data file or config that cannot be used; the message says what and where.
@@ -108,6 +113,23 @@ def _prefix_mask(lengths: np.ndarray, frames: int) -> np.ndarray:
   return (np.arange(frames)[None, :] < lengths[:, None]).astype(np.float32)
 
 
+def _check_cls_sep(split, text_ids, lengths):
+  """Every text starts with [CLS] and its last attended token (length - 1) is [SEP]."""
+  layout = (f'each text [CLS] (id {CLS_ID}) ... [SEP] (id {SEP_ID}) then padding, the '
+            'attention mask 1 from [CLS] to [SEP]')
+  bad = text_ids[:, 0] != CLS_ID
+  if bad.any():
+    i = int(np.argmax(bad))
+    _fail(split, 'text_bert', f'first token is id {text_ids[i, 0]}, not [CLS] (id {CLS_ID})',
+          layout, i)
+  last = text_ids[np.arange(len(lengths)), lengths - 1]
+  bad = last != SEP_ID
+  if bad.any():
+    i = int(np.argmax(bad))
+    _fail(split, 'text_bert', f'last attended token (position {lengths[i] - 1}, text length '
+          f'{lengths[i]}) is id {last[i]}, not [SEP] (id {SEP_ID})', layout, i)
+
+
 def check_split(raw: Any, split: str, *, aligned: Optional[bool] = None,
                 labels_from_score: Optional[bool] = None) -> dict:
   """Validates one split dict; returns the keyword arguments of `mmsa.Split`.
@@ -149,6 +171,7 @@ def check_split(raw: Any, split: str, *, aligned: Optional[bool] = None,
     _fail(split, 'text_bert', 'negative segment id', 'non-negative segment ids',
           _first_bad(segments < 0))
   text_lengths = mask.sum(axis=1).astype(np.int64)
+  _check_cls_sep(split, text_ids, text_lengths)
 
   audio = _features(split, 'audio', raw['audio'])
   vision = _features(split, 'vision', raw['vision'])
