@@ -32,6 +32,8 @@ _ALIGNED = flags.DEFINE_bool('aligned', False, 'Word-aligned shapes (50/50/50, n
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _DEVICES = flags.DEFINE_integer('devices', 0, 'Devices to pmap over (0: all local devices).')
+_PROFILE = flags.DEFINE_string('profile', None, 'Write a jax.profiler trace of the timed steps '
+                               'to this folder (open with Perfetto or TensorBoard).')
 _PEAK = flags.DEFINE_float('peak_gflops', 0.0, 'Peak GFLOP/s of the devices used (0: the '
                            'known value for 2 Zen-4 CPU cores, 166, on CPU; else unknown).')
 
@@ -82,14 +84,18 @@ def main(argv):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get('flops', 0.0)) if cost else 0.0
-  r_state, m = step(r_state, batch)  # the first call may trace once more
-  for _ in range(_WARMUP.value):
+  step = compiled  # calling the pmapped function again would compile it a second time
+  for _ in range(max(_WARMUP.value, 1)):
     r_state, m = step(r_state, batch)
   jax.block_until_ready(m)
+  if _PROFILE.value:
+    jax.profiler.start_trace(_PROFILE.value, create_perfetto_trace=True)
   t0 = time.time()
   for _ in range(_STEPS.value):
     r_state, m = step(r_state, batch)
   jax.block_until_ready(m)
+  if _PROFILE.value:
+    jax.profiler.stop_trace()
   ms = (time.time() - t0) / _STEPS.value * 1000
   platform = devices[0].platform
   peak = _PEAK.value or (166.0 if platform == 'cpu' else 0.0)

@@ -43,31 +43,69 @@ def add_positions(x, mode: str):
   raise ValueError(f'model.positions must be "time" or "reference", got {mode!r}')
 
 
-def composite_attention_heads(scores, v, block_len, attn_weights_fn=None):
-  """Per-pattern attention outputs.
+def _block_stats(q, k, v, block_len):
+  """Per key block j (L, A, V): raw scores, row max, sum of exponentials, weighted values.
 
-  scores (B, H, T, T) scaled raw scores; v (B, T, H, D); T = 3·block_len.
-  attn_weights_fn: optional f(weights (B,H,T,T)) applied to the LAV weights (dropout).
-  Returns (B, T, 7, H, D): for every query, its attention output inside each pattern.
+  q, k, v (B, H, T, D) with q already scaled. Returns lists over the three blocks of
+  s_j (B, H, T, block_len), m_j, z_j (B, H, T) and n_j (B, H, T, D). Each block is its own
+  batched matmul in the natural (B, H, rows, cols) layout, so no transposed copies of the
+  (T × T) score tensor are made.
   """
-  B, H, T, _ = scores.shape
-  s = scores.reshape(B, H, T, 3, block_len)
-  vb = v.reshape(B, 3, block_len, v.shape[2], v.shape[3])
-  m = jax.lax.stop_gradient(jnp.max(s, axis=-1))                      # (B, H, T, 3)
-  e = jnp.exp(s - m[..., None])
-  z = jnp.sum(e, axis=-1)                                               # (B, H, T, 3)
-  n = jnp.einsum('bhqmk,bmkhd->bhqmd', e, vb)                          # (B, H, T, 3, D)
-  member = jnp.asarray(MEMBERSHIP)                                      # (7, 3)
-  m_p = jnp.max(jnp.where(member[None, None, None] > 0, m[:, :, :, None, :], -jnp.inf), axis=-1)
-  scale = member * jnp.exp(m[:, :, :, None, :] - m_p[..., None])        # (B, H, T, 7, 3)
-  z_p = jnp.einsum('bhqpm,bhqm->bhqp', scale, z)
-  n_p = jnp.einsum('bhqpm,bhqmd->bhqpd', scale, n)
-  out = n_p / z_p[..., None]                                            # (B, H, T, 7, D)
+  out = []
+  for j in range(3):
+    kj = k[:, :, j * block_len:(j + 1) * block_len]
+    vj = v[:, :, j * block_len:(j + 1) * block_len]
+    s = jnp.einsum('bhqd,bhkd->bhqk', q, kj).astype(jnp.float32)
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))
+    e = jnp.exp(s - m[..., None])
+    out.append((s, m, jnp.sum(e, axis=-1), jnp.einsum('bhqk,bhkd->bhqd', e, vj.astype(jnp.float32))))
+  return [list(t) for t in zip(*out)]
+
+
+def _pattern_output(pattern: int, m, z, n):
+  """Attention output of every query inside one pattern, from the block statistics.
+
+  softmax over the union of the pattern's key blocks = Σ_j c_j n_j / Σ_j c_j z_j with
+  c_j = exp(m_j − max_j m_j); elementwise on (B, H, rows, D), so XLA fuses it.
+  """
+  members = [j for j in range(3) if MEMBERSHIP[pattern, j]]
+  top = m[members[0]]
+  for j in members[1:]:
+    top = jnp.maximum(top, m[j])
+  num = den = 0.0
+  for j in members:
+    c = jnp.exp(m[j] - top)
+    num = num + c[..., None] * n[j]
+    den = den + c * z[j]
+  return num / den[..., None]
+
+
+def composite_attention_heads(q, k, v, block_len, attn_weights_fn=None):
+  """Per-pattern attention outputs of the queries of each modality block.
+
+  q, k, v (B, H, T, D), q already scaled; T = 3·block_len.
+  attn_weights_fn: optional f(weights (B, H, T, T)) applied to the LAV weights (dropout).
+  Returns ({'l'|'a'|'v': (B, H, block_len, 4, D)}, the patterns of SUMMARY in order) and
+  the raw scaled scores (B, H, T, T).
+  """
+  s, m, z, n = _block_stats(q, k, v, block_len)
+  scores = jnp.concatenate(s, axis=-1)
+  lav = None
   if attn_weights_fn is not None:
     w = attn_weights_fn(jax.nn.softmax(scores, axis=-1))
-    lav = jnp.einsum('bhqk,bkhd->bhqd', w, v)
-    out = out.at[:, :, :, 0].set(lav)
-  return jnp.transpose(out, (0, 2, 3, 1, 4))
+    lav = jnp.einsum('bhqk,bhkd->bhqd', w, v.astype(jnp.float32))
+  per_block = {}
+  for i, name in enumerate('lav'):
+    rows = slice(i * block_len, (i + 1) * block_len)
+    mb, zb, nb = [t[:, :, rows] for t in m], [t[:, :, rows] for t in z], [t[:, :, rows] for t in n]
+    outs = []
+    for p in SUMMARY[name]:
+      if p == 0 and lav is not None:
+        outs.append(lav[:, :, rows])
+      else:
+        outs.append(_pattern_output(p, mb, zb, nb))
+    per_block[name] = jnp.stack(outs, axis=3)
+  return per_block, scores
 
 
 class CompositeAttention(nn.Module):
@@ -87,24 +125,23 @@ class CompositeAttention(nn.Module):
     qkv = nn.Dense(3 * E, dtype=self.dtype, kernel_init=xavier, name='qkv')(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     q = q * np.float32(D ** -0.5)
-    heads = lambda t: t.reshape(B, T, H, D)
-    scores = jnp.einsum('bqhd,bkhd->bhqk', heads(q), heads(k)).astype(jnp.float32)
+    heads = lambda t: jnp.transpose(t.reshape(B, T, H, D), (0, 2, 1, 3))
     drop = None
     if self.attn_dropout > 0 and not deterministic:
       drop = lambda w: nn.Dropout(self.attn_dropout)(w, deterministic=False)
-    per_pattern = composite_attention_heads(scores, heads(v).astype(jnp.float32), L, drop)
-    per_pattern = per_pattern.reshape(B, T, 7, E).astype(self.dtype)
+    per_block, scores = composite_attention_heads(heads(q), heads(k), heads(v), L, drop)
     out_kernel = self.param('out_kernel', lambda k, s: jax.vmap(lambda kk: xavier(kk, s[1:]))(
         jax.random.split(k, s[0])), (7, E, E))
     out_bias = self.param('out_bias', nn.initializers.zeros, (7, E))
-    projected = {}
-    for name, sl in (('l', slice(0, L)), ('a', slice(L, 2 * L)), ('v', slice(2 * L, 3 * L))):
+    projected = []
+    for name in 'lav':
       idx = np.array(SUMMARY[name])
-      h = jnp.einsum('btpe,pef->btpf', per_pattern[:, sl][:, :, idx],
-                     out_kernel[idx].astype(self.dtype)) + out_bias[idx].astype(self.dtype)
-      h = h.reshape(B, L, 4 * E)
-      projected[name] = nn.Dense(E, dtype=self.dtype, name=f'summary_{name}')(h)
-    out = jnp.concatenate([projected['l'], projected['a'], projected['v']], axis=1)
+      o = jnp.transpose(per_block[name], (3, 0, 2, 1, 4)).reshape(4, B, L, E).astype(self.dtype)
+      h = jnp.einsum('pbte,pef->pbtf', o, out_kernel[idx].astype(self.dtype))
+      h = h + out_bias[idx][:, None, None].astype(self.dtype)
+      h = jnp.transpose(h, (1, 2, 0, 3)).reshape(B, L, 4 * E)
+      projected.append(nn.Dense(E, dtype=self.dtype, name=f'summary_{name}')(h))
+    out = jnp.concatenate(projected, axis=1)
     out = nn.Dense(E, dtype=self.dtype, name='final_out')(out)
     return out, scores
 
