@@ -43,23 +43,59 @@ def add_positions(x, mode: str):
   raise ValueError(f'model.positions must be "time" or "reference", got {mode!r}')
 
 
-def _block_stats(q, k, v, block_len):
-  """Per key block j (L, A, V): raw scores, row max, sum of exponentials, weighted values.
+def _outer(a, b):
+  """(B, H, Q, D), (B, H, K, D) → (B, H, Q, K): Σ_d a·b as D elementwise products.
 
-  q, k, v (B, H, T, D) with q already scaled. Returns lists over the three blocks of
-  s_j (B, H, T, block_len), m_j, z_j (B, H, T) and n_j (B, H, T, D). Each block is its own
-  batched matmul in the natural (B, H, rows, cols) layout, so no transposed copies of the
-  (T × T) score tensor are made.
+  With D = E / heads = 4 a matmul would only write its output; written elementwise, XLA
+  fuses it into the reduction or exponential that consumes it, so the (Q × K) product is
+  never stored.
   """
-  out = []
+  out = a[:, :, :, None, 0] * b[:, :, None, :, 0]
+  for d in range(1, a.shape[-1]):
+    out = out + a[:, :, :, None, d] * b[:, :, None, :, d]
+  return out
+
+
+@jax.custom_vjp
+def _key_block(q, k, v):
+  """Softmax statistics of every query over one key block (float32).
+
+  q (B, H, T, D) scaled queries; k, v (B, H, Lb, D). Returns the row max m (B, H, T), the
+  sum of exponentials z = Σ_k exp(s − m) (B, H, T) and the weighted values
+  n = Σ_k exp(s − m) v (B, H, T, D), where s = q·kᵀ. m is a shift only: callers stop its
+  gradient (every use is a ratio of n and z, which does not depend on it).
+  """
+  m = jnp.max(_outer(q, k), axis=-1)
+  e = jnp.exp(_outer(q, k) - m[..., None])
+  return m, jnp.sum(e, axis=-1), jnp.einsum('bhqk,bhkd->bhqd', e, v)
+
+
+def _key_block_fwd(q, k, v):
+  m, z, n = _key_block(q, k, v)
+  return (m, z, n), (q, k, v, m)
+
+
+def _key_block_bwd(res, cotangents):
+  """Recomputes exp(s − m) instead of storing it: one fused pass writes dS."""
+  q, k, v, m = res
+  _, dz, dn = cotangents
+  e = jnp.exp(_outer(q, k) - m[..., None])
+  ds = e * (_outer(dn, v) + dz[..., None])
+  return (jnp.einsum('bhqk,bhkd->bhqd', ds, k), jnp.einsum('bhqk,bhqd->bhkd', ds, q),
+          jnp.einsum('bhqk,bhqd->bhkd', e, dn))
+
+
+_key_block.defvjp(_key_block_fwd, _key_block_bwd)
+
+
+def _block_stats(q, k, v, block_len):
+  """Lists over the key blocks L, A, V of m_j, z_j (B, H, T) and n_j (B, H, T, D)."""
+  stats = []
   for j in range(3):
-    kj = k[:, :, j * block_len:(j + 1) * block_len]
-    vj = v[:, :, j * block_len:(j + 1) * block_len]
-    s = jnp.einsum('bhqd,bhkd->bhqk', q, kj).astype(jnp.float32)
-    m = jax.lax.stop_gradient(jnp.max(s, axis=-1))
-    e = jnp.exp(s - m[..., None])
-    out.append((s, m, jnp.sum(e, axis=-1), jnp.einsum('bhqk,bhkd->bhqd', e, vj.astype(jnp.float32))))
-  return [list(t) for t in zip(*out)]
+    keys = slice(j * block_len, (j + 1) * block_len)
+    m, z, n = _key_block(q, k[:, :, keys], v[:, :, keys])
+    stats.append((jax.lax.stop_gradient(m), z, n))
+  return [list(t) for t in zip(*stats)]
 
 
 def _pattern_output(pattern: int, m, z, n):
@@ -88,12 +124,14 @@ def composite_attention_heads(q, k, v, block_len, attn_weights_fn=None):
   Returns ({'l'|'a'|'v': (B, H, block_len, 4, D)}, the patterns of SUMMARY in order) and
   the raw scaled scores (B, H, T, T).
   """
-  s, m, z, n = _block_stats(q, k, v, block_len)
-  scores = jnp.concatenate(s, axis=-1)
+  q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
+  m, z, n = _block_stats(q, k, v, block_len)
+  # only the last layer's scores are used (distillation); elsewhere XLA drops this
+  scores = jnp.einsum('bhqd,bhkd->bhqk', q, k)
   lav = None
   if attn_weights_fn is not None:
     w = attn_weights_fn(jax.nn.softmax(scores, axis=-1))
-    lav = jnp.einsum('bhqk,bhkd->bhqd', w, v.astype(jnp.float32))
+    lav = jnp.einsum('bhqk,bhkd->bhqd', w, v)
   per_block = {}
   for i, name in enumerate('lav'):
     rows = slice(i * block_len, (i + 1) * block_len)
