@@ -1,6 +1,7 @@
 """The MSSD step: device-count independence, torch-Adam step counts, gradient accumulation."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,32 +15,67 @@ from tests.helpers import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, 'tests', 'helpers', 'multidevice_losses.py')
+MULTIHOST = os.path.join(ROOT, 'tests', 'helpers', 'multihost_losses.py')
+
+
+def _env(devices):
+  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+              JAX_PLATFORMS='cpu')
 
 
 def _run(devices, global_batch):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, SCRIPT, str(global_batch)], capture_output=True,
-                        text=True, env=env, cwd=ROOT, timeout=900)
+                        text=True, env=_env(devices), cwd=ROOT, timeout=900)
 
 
-def test_losses_do_not_depend_on_the_device_count():
+def _losses(proc):
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _assert_same_losses(a, b, tol=1e-5):
+  for step, (la, lb) in enumerate(zip(a['losses'], b['losses'])):
+    assert la.keys() == lb.keys()
+    for k in la:
+      assert abs(la[k] - lb[k]) <= tol, (step, k, la[k], lb[k])
+
+
+@pytest.fixture(scope='module')
+def four_devices():
+  """5 steps on one process with 4 devices, global batch 8."""
+  return _losses(_run(4, 8))
+
+
+def test_losses_do_not_depend_on_the_device_count(four_devices):
   """Dropout off, same global batch: 4 devices reproduce 1 device for 5 steps (≤ 1e-5).
 
   RMFM masks come from per-example keys (step, global index) and loss normalisers are summed
   over devices, so only float32 summation order differs.
   """
-  one, four = _run(1, 8), _run(4, 8)
-  assert one.returncode == 0, one.stderr[-2000:]
-  assert four.returncode == 0, four.stderr[-2000:]
-  a = json.loads(one.stdout.strip().splitlines()[-1])
-  b = json.loads(four.stdout.strip().splitlines()[-1])
+  a, b = _losses(_run(1, 8)), four_devices
   assert (a['devices'], b['devices']) == (1, 4)
-  for step, (la, lb) in enumerate(zip(a['losses'], b['losses'])):
-    for k in la:
-      assert abs(la[k] - lb[k]) <= 1e-5, (step, k, la[k], lb[k])
+  _assert_same_losses(a, b)
   # the masks change from step to step, so the student losses do too
   assert len({round(x['loss_rec_audio'], 6) for x in a['losses']}) == 5
+
+
+def test_two_processes_match_one_process(four_devices):
+  """jax.distributed on localhost: 2 processes × 2 CPU devices, each feeding its half of every
+  global batch, give the losses of 1 process × 4 devices (≤ 1e-5, summation order only)."""
+  with socket.socket() as s:  # a free port for the coordinator
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen([sys.executable, MULTIHOST, '8', str(i), '2', str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env(2), cwd=ROOT) for i in range(2)]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=900)
+    results.append(_losses(subprocess.CompletedProcess(p.args, p.returncode, out, err)))
+  assert [(r['process'], r['processes'], r['devices'], r['local_devices']) for r in results] == [
+      (0, 2, 4, 2), (1, 2, 4, 2)]
+  for r in results:
+    _assert_same_losses(r, four_devices)
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():
