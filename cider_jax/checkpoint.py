@@ -4,16 +4,23 @@ Each checkpoint holds the train state (params, optimizer state, step, RNG, and t
 computed from the train split: prototypes, prior, bias-word table) and a JSON `meta` (config,
 model spec, epoch, early-stopping state, data-iterator state, bias vocabulary, history).
 Writes are atomic (orbax writes to a temporary directory and renames it), so a run killed
-during a save never leaves a checkpoint that looks complete.
+during a save never leaves a checkpoint that looks complete. Every process of a multi-host run
+calls save and restore: orbax coordinates them.
+
+The workdir is a local folder or a Cloud Storage URI (gs://BUCKET/PATH); the helpers at the
+end read and write its other files (.npz arrays, PNG figures) through etils.epath.
 """
 import dataclasses
+import io
 import json
 import os
 import sys
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from cider_jax import spec as spec_lib
 
@@ -25,7 +32,9 @@ class CheckpointError(RuntimeError):
 def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  # orbax wants an absolute local path; a gs:// URI goes through as it is
+  return ocp.CheckpointManager(os.path.abspath(directory) if is_local(directory) else directory,
+                               options=options)
 
 
 class Checkpoints:
@@ -126,3 +135,32 @@ def check_compatible(meta: dict, config) -> None:
 
 def config_to_dict(config) -> dict:
   return json.loads(config.to_json_best_effort())
+
+
+# ------------------------------------------------------------------------------ workdir files
+
+def is_local(path) -> bool:
+  """False for a URI such as gs://BUCKET/PATH, True for a path on this machine."""
+  return '://' not in os.fspath(path)
+
+
+def write_npz(path, arrays: dict, compressed: bool = False) -> None:
+  """np.savez(_compressed) to a local or gs:// path."""
+  buf = io.BytesIO()
+  (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+  epath.Path(path).write_bytes(buf.getvalue())
+
+
+def read_npz(path) -> dict:
+  """{name: array} of an .npz file on a local or gs:// path."""
+  with epath.Path(path).open('rb') as f:
+    buf = io.BytesIO(f.read())
+  with np.load(buf) as z:
+    return {k: z[k] for k in z.files}
+
+
+def write_figure(fig, path, **savefig_kwargs) -> None:
+  """fig.savefig to a local or gs:// path (the format from the file name's suffix)."""
+  buf = io.BytesIO()
+  fig.savefig(buf, format=epath.Path(path).suffix.lstrip('.') or 'png', **savefig_kwargs)
+  epath.Path(path).write_bytes(buf.getvalue())

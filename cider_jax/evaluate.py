@@ -9,16 +9,18 @@ complete validation input. The original's optimistic protocol (every metric at i
 on test) is reported only under `test_oracle`.
 
 Writes <workdir>/eval/: report.json, report.csv, predictions.npz
-(`<split>/<mode>/<rate>/{labels,factual,counterfactual}`), metric-vs-rate PNGs.
+(`<split>/<mode>/<rate>/{labels,factual,counterfactual}`), metric-vs-rate PNGs. The workdir may
+be a Cloud Storage URI (gs://BUCKET/PATH); in a multi-host run every process evaluates and
+process 0 writes the files.
 """
 import csv
+import io
 import json
-import os
-import sys
 import time
 
 import jax
 import numpy as np
+from etils import epath
 
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import configuration
@@ -34,11 +36,11 @@ class EvaluationError(RuntimeError):
 def restore_best(config, workdir):
   """(model, params, eval constants, spec, meta) of the best checkpoint of a workdir."""
   from cider_jax import train
-  if not os.path.isdir(workdir):
+  if not epath.Path(workdir).is_dir():
     raise EvaluationError(f'workdir {workdir!r} does not exist: train first with '
                           f'python launch/train.py --config … --workdir {workdir}')
-  cpath = os.path.join(workdir, 'constants.npz')
-  if not os.path.exists(cpath):
+  cpath = epath.Path(workdir) / 'constants.npz'
+  if not cpath.exists():
     raise EvaluationError(f'{cpath} is missing: {workdir!r} holds no finished training run')
   ckpts = ckpt_lib.Checkpoints(workdir)
   meta = ckpts.read_meta('best')
@@ -48,7 +50,7 @@ def restore_best(config, workdir):
   ckpt_lib.check_compatible(meta, config)
   spec = ckpt_lib.spec_from_json(meta['spec'])
   bert_config = spec_lib.text_encoder_config(config)
-  c = dict(np.load(cpath))
+  c = ckpt_lib.read_npz(cpath)
   model, _, _, state = train.init_state(config, spec, bert_config,
                                         train.train_consts(c, bert_config.vocab_size))
   state, meta = ckpts.restore('best', state, config)
@@ -163,22 +165,27 @@ def _json_safe(x):
 
 
 def write_outputs(out_dir, report, rows, preds):
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'report.json'), 'w') as f:
-    json.dump(_json_safe(report), f, indent=1)
+  """report.json, report.csv, predictions.npz and plots in out_dir (local or gs://), written
+  by process 0 only (every process of a multi-host run holds the same predictions)."""
+  if jax.process_index() != 0:
+    return
+  out_dir = epath.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  (out_dir / 'report.json').write_text(json.dumps(_json_safe(report), indent=1))
   keys = list(rows[0].keys())
   for r in rows:
     keys += [k for k in r if k not in keys]
-  with open(os.path.join(out_dir, 'report.csv'), 'w', newline='') as f:
-    w = csv.DictWriter(f, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
+  table = io.StringIO(newline='')
+  w = csv.DictWriter(table, fieldnames=keys)
+  w.writeheader()
+  w.writerows(rows)
+  (out_dir / 'report.csv').write_bytes(table.getvalue().encode())
   arrays = {}
   for (split, group, mode, label), p in preds.items():
     name = f'{split}/{mode}/{float(label):.1f}' if group == 'modes' else f'{split}/SMM_{label}'
     for k in ('labels', 'factual', 'counterfactual'):
       arrays[f'{name}/{k}'] = np.asarray(p[k])
-  np.savez_compressed(os.path.join(out_dir, 'predictions.npz'), **arrays)
+  ckpt_lib.write_npz(out_dir / 'predictions.npz', arrays, compressed=True)
   _plot(out_dir, report)
 
 
@@ -198,7 +205,7 @@ def _plot(out_dir, report):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, f'{metric}_vs_rate.png'), dpi=110)
+    ckpt_lib.write_figure(fig, epath.Path(out_dir) / f'{metric}_vs_rate.png', dpi=110)
     plt.close(fig)
 
 
@@ -236,7 +243,7 @@ def evaluate(config, workdir: str) -> dict:
   report, rows = build_report(config, preds)
   report['checkpoint'] = {'best_epoch': meta.get('best_epoch'),
                           'best_valid': meta.get('best')}
-  out_dir = os.path.join(workdir, 'eval')
+  out_dir = epath.Path(workdir) / 'eval'
   write_outputs(out_dir, report, rows, preds)
   print(format_table(report), flush=True)
   print(f'wrote {out_dir}/report.json, report.csv, predictions.npz and plots', flush=True)

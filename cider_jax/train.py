@@ -4,9 +4,12 @@ Epochs over the grain pipeline; every epoch a validation on complete and on RMFM
 early stopping on the main validation metric (Non0_acc_2 / Acc_7); orbax checkpoints (latest
 for resuming, best for evaluation); `metrics.jsonl`, a training-curve PNG; then the evaluation
 of the best checkpoint.
+
+The workdir may be a Cloud Storage URI (gs://BUCKET/PATH): its files go through etils.epath.
+In a multi-host run every process trains and saves checkpoints (orbax coordinates them); only
+process 0 writes metrics.jsonl, the plot and constants.npz.
 """
 import json
-import os
 import signal
 import sys
 import time
@@ -15,6 +18,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import configuration
@@ -48,12 +52,24 @@ def init_state(config, spec, bert_config, consts, encoder_params=None) -> TrainS
   return model, tx, labels, state
 
 
+def _is_writer() -> bool:
+  """Whether this process writes the workdir's files (checkpoints excepted): process 0."""
+  return jax.process_index() == 0
+
+
 def constants(config, splits, spec, encoder, encoder_vars, workdir):
-  """Prototypes, prior and bias vocabulary of the train split, cached in <workdir>/constants.npz."""
-  path = os.path.join(workdir, 'constants.npz')
-  if os.path.exists(path):
-    z = np.load(path)
-    return {k: z[k] for k in z.files}
+  """Prototypes, prior and bias vocabulary of the train split, cached in <workdir>/constants.npz.
+
+  Every process computes them the same way (or reads the cache); process 0 writes the cache.
+  """
+  path = epath.Path(workdir) / 'constants.npz'
+  cached = path.exists()
+  if jax.process_count() > 1:
+    # every process has looked before process 0 may write: all read, or all compute
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices('cider_jax constants.npz')
+  if cached:
+    return ckpt_lib.read_npz(path)
   train = splits['train']
   labels = train.labels(config.task)
   t0 = time.time()
@@ -63,7 +79,8 @@ def constants(config, splits, spec, encoder, encoder_vars, workdir):
                                          top_k=config.maci.top_k,
                                          cv_threshold=config.maci.cv_threshold)
   out = {'cls_feats': cls_feats, 'prior': prior, 'bias_vocab': np.asarray(vocab, np.int32)}
-  np.savez(path, **out)
+  if _is_writer():
+    ckpt_lib.write_npz(path, out)
   print(f'prototypes, prior and {len(vocab)} bias words from {len(labels)} train samples '
         f'({time.time() - t0:.1f} s) -> {path}', flush=True)
   return out
@@ -134,9 +151,42 @@ class _Stop:
       signal.signal(sig, old)
 
 
-def _log(path, record):
-  with open(path, 'a') as f:
-    f.write(json.dumps(record) + '\n')
+class MetricsLog:
+  """<workdir>/metrics.jsonl, one JSON record a line, written by process 0 only.
+
+  On a local disk each record is appended at once. An object store (gs://) cannot append: the
+  records wait in memory and `flush` rewrites the file with them added (at every epoch end,
+  where the checkpoint is saved too, and when training stops).
+  """
+
+  def __init__(self, path):
+    self.path = epath.Path(path)
+    self.enabled = _is_writer()
+    self._local = ckpt_lib.is_local(path)
+    self._pending = []
+
+  def append(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    line = json.dumps(record) + '\n'
+    if self._local:
+      with self.path.open('a') as f:
+        f.write(line)
+    else:
+      self._pending.append(line)
+
+  def flush(self) -> None:
+    if not self._pending:
+      return
+    old = self.path.read_text() if self.path.exists() else ''
+    self.path.write_text(old + ''.join(self._pending))
+    self._pending = []
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.flush()
 
 
 def _scalar_metrics(m):
@@ -150,7 +200,7 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
   parallel.initialize(config.distributed)
   configuration.validate(config)  # after initialize: it counts the devices
   parallel.enable_compilation_cache(config.train.compilation_cache)
-  os.makedirs(workdir, exist_ok=True)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   n_dev = jax.local_device_count()
   parallel.check_batch(config.train.batch_size, jax.device_count())
   local_batch = config.train.batch_size // jax.process_count()
@@ -178,7 +228,7 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
     print(f'resumed from {ckpts.root}/latest at step {int(state.step)}, epoch {meta["epoch"]}',
           flush=True)
 
-  metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  log = MetricsLog(epath.Path(workdir) / 'metrics.jsonl')
   main = metrics.main_metric(config.task)
   steps_per_epoch = pipeline.steps_per_epoch(splits['train'], local_batch)
   if steps_per_epoch == 0:
@@ -199,7 +249,7 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
                            spec=ckpt_lib.spec_to_json(spec),
                            bias_vocab=np.asarray(c['bias_vocab']).tolist())
 
-  with _Stop() as stop:
+  with _Stop() as stop, log:
     while not meta['done'] and meta['epoch'] < config.train.num_epochs and not stop.requested:
       epoch = meta['epoch']
       bar = tqdm(total=steps_per_epoch, desc=f'epoch {epoch + 1}/{config.train.num_epochs}',
@@ -220,7 +270,7 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
               f'; stopped, the last good checkpoint is kept in {ckpts.root}/latest '
               '(lower optim.lr or set optim.grad_clip)')
         if step % config.train.log_every == 0 or done_in_epoch == 0:
-          _log(metrics_path, dict(step=step, epoch=epoch, **sm))
+          log.append(dict(step=step, epoch=epoch, **sm))
           bar.set_postfix(loss=f'{sm["loss"]:.3f}',
                           sps=f'{bar.n * config.train.batch_size / max(time.time() - t0, 1e-9):.0f}')
         bar.update(1)
@@ -253,7 +303,8 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
       record = {'epoch': epoch + 1, 'step': step, 'epoch_s': round(time.time() - t0, 2),
                 'valid': v_full, f'valid_rmfm_{config.eval.valid_rate}': v_miss,
                 'best_epoch': meta['best_epoch']}
-      _log(metrics_path, record)
+      log.append(record)
+      log.flush()
       print(f'epoch {epoch + 1}: valid {main} {score:.4f} (RMFM {config.eval.valid_rate}: '
             f'{v_miss[main]:.4f}), best {meta["best"]:.4f} at epoch {meta["best_epoch"]}',
             flush=True)
@@ -261,7 +312,8 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
       if improved:
         ckpts.save('best', step, host_state, save_meta())
       ckpts.save('latest', step, host_state, save_meta())
-  _plot_curves(metrics_path, os.path.join(workdir, 'training_curves.png'))
+  if _is_writer():
+    _plot_curves(log.path, epath.Path(workdir) / 'training_curves.png')
   if stop.requested:
     print('stopped on request; run the same command again to resume', flush=True)
     return None
@@ -276,15 +328,14 @@ def _plot_curves(metrics_path, out_png):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   steps, loss, epochs, valid = [], [], [], []
-  with open(metrics_path) as f:
-    for line in f:
-      r = json.loads(line)
-      if 'loss' in r:
-        steps.append(r['step'])
-        loss.append(r['loss'])
-      elif 'valid' in r:
-        epochs.append(r['step'])
-        valid.append(r['valid'])
+  for line in epath.Path(metrics_path).read_text().splitlines():
+    r = json.loads(line)
+    if 'loss' in r:
+      steps.append(r['step'])
+      loss.append(r['loss'])
+    elif 'valid' in r:
+      epochs.append(r['step'])
+      valid.append(r['valid'])
   fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
   ax[0].plot(steps, loss)
   ax[0].set(xlabel='step', ylabel='student loss', title='training loss')
@@ -295,5 +346,5 @@ def _plot_curves(metrics_path, out_png):
   if valid:
     ax[1].legend()
   fig.tight_layout()
-  fig.savefig(out_png, dpi=100)
+  ckpt_lib.write_figure(fig, out_png, dpi=100)
   plt.close(fig)

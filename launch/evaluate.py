@@ -3,6 +3,8 @@
   python launch/evaluate.py --config configs/quickstart.py --workdir runs/quickstart
 
 Writes WORKDIR/eval/report.json, report.csv, predictions.npz and plots; prints a table.
+WORKDIR may be gs://BUCKET/PATH; with --config.distributed.initialize=True every worker of a
+multi-host TPU evaluates and worker 0 writes the files.
 τ (counterfactual strength) is chosen on the validation split.
 """
 import os
@@ -28,6 +30,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from cider_jax import evaluate, parallel
   config = _CONFIG.value
+  # as training does: jax.distributed before anything counts devices (multi-host Cloud TPU)
+  parallel.initialize(config.distributed)
   parallel.enable_compilation_cache(config.train.compilation_cache)
   try:
     evaluate.evaluate(config, _WORKDIR.value)
