@@ -258,6 +258,22 @@ def validate(config, *, check_paths: bool = True, check_devices: bool = True) ->
     _check_text_encoder(config)
 
 
+def check_workdir(workdir) -> None:
+  """A URI workdir (gs://…) needs its fsspec filesystem: gcsfs for gs:// (requirements-gcs.txt)."""
+  import importlib.util
+  workdir = str(workdir)
+  if '://' not in workdir:
+    return
+  scheme = workdir.split('://', 1)[0]
+  needs = {'gs': 'gcsfs', 's3': 's3fs'}.get(scheme)
+  if needs is None:
+    raise ConfigError(f'workdir {workdir!r}: unsupported scheme {scheme}://; use a local path '
+                      'or gs://BUCKET/PATH', field='workdir', value=workdir)
+  if importlib.util.find_spec(needs) is None:
+    raise ConfigError(f'workdir {workdir!r} needs the {needs} package, which is not installed: '
+                      'pip install -r requirements-gcs.txt', field='workdir', value=workdir)
+
+
 def parse_flags(argv):
   """absl flags parser (`app.run(main, flags_parser=parse_flags)`): as absl's own, but an
   override naming a field the config lacks prints one `error:` line and exits with code 2."""

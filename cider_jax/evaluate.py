@@ -33,15 +33,25 @@ class EvaluationError(RuntimeError):
   pass
 
 
-def restore_best(config, workdir):
-  """(model, params, eval constants, spec, meta) of the best checkpoint of a workdir."""
-  from cider_jax import train
+def check_workdir(workdir) -> None:
+  """A clear error unless `workdir` holds a training run's constants.npz."""
   if not epath.Path(workdir).is_dir():
     raise EvaluationError(f'workdir {workdir!r} does not exist: train first with '
                           f'python launch/train.py --config … --workdir {workdir}')
   cpath = epath.Path(workdir) / 'constants.npz'
   if not cpath.exists():
     raise EvaluationError(f'{cpath} is missing: {workdir!r} holds no finished training run')
+
+
+def restore_best(config, workdir, train_split=None):
+  """(model, params, eval constants, spec, meta) of the best checkpoint of a workdir.
+
+  With `train_split`, a bias vocabulary cached under other config.maci settings is recomputed;
+  without it, such a mismatch is an error.
+  """
+  from cider_jax import train
+  check_workdir(workdir)
+  cpath = epath.Path(workdir) / 'constants.npz'
   ckpts = ckpt_lib.Checkpoints(workdir)
   meta = ckpts.read_meta('best')
   if meta is None:
@@ -51,6 +61,14 @@ def restore_best(config, workdir):
   spec = ckpt_lib.spec_from_json(meta['spec'])
   bert_config = spec_lib.text_encoder_config(config)
   c = ckpt_lib.read_npz(cpath)
+  if train_split is not None:
+    c = train.with_bias_vocab(config, c, train_split)
+  elif 'maci_top_k' in c and not train.bias_vocab_matches(config, c):
+    raise EvaluationError(f'{cpath} holds the bias vocabulary of maci.top_k='
+                          f'{int(c["maci_top_k"])}, maci.cv_threshold='
+                          f'{float(c["maci_cv_threshold"]):g}, the configuration asks for '
+                          f'{config.maci.top_k}, {config.maci.cv_threshold:g}; evaluate with '
+                          'the train split loaded (launch/evaluate.py) to recompute it')
   model, _, _, state = train.init_state(config, spec, bert_config,
                                         train.train_consts(c, bert_config.vocab_size))
   state, meta = ckpts.restore('best', state, config)
@@ -235,10 +253,12 @@ def evaluate(config, workdir: str) -> dict:
       raise EvaluationError(f'eval.modes has {mode}, which needs word-aligned data '
                             '(data.aligned=True)')
   configuration.validate(config, check_devices=False)
-  model, params, consts, spec, meta = restore_best(config, workdir)
+  configuration.check_workdir(workdir)
+  check_workdir(workdir)
+  splits = pipeline.load_splits(config, workdir)
+  model, params, consts, spec, meta = restore_best(config, workdir, splits['train'])
   print(f'evaluating the best checkpoint (epoch {meta.get("best_epoch")}, step '
         f'{meta.get("step", "?")}) of {workdir}', flush=True)
-  splits = pipeline.load_splits(config, workdir)
   preds = predict_all(config, model, params, consts, splits, spec)
   report, rows = build_report(config, preds)
   report['checkpoint'] = {'best_epoch': meta.get('best_epoch'),

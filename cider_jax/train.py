@@ -69,21 +69,53 @@ def constants(config, splits, spec, encoder, encoder_vars, workdir):
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices('cider_jax constants.npz')
   if cached:
-    return ckpt_lib.read_npz(path)
+    return with_bias_vocab(config, ckpt_lib.read_npz(path), splits['train'])
   train = splits['train']
   labels = train.labels(config.task)
   t0 = time.time()
   feats = proto_lib.sample_features(encoder, encoder_vars, train)
   cls_feats, prior = proto_lib.class_prototypes(feats, labels, spec.num_classes)
-  vocab = counterfactual.bias_vocabulary(train.text_ids, labels, config.task,
-                                         top_k=config.maci.top_k,
-                                         cv_threshold=config.maci.cv_threshold)
-  out = {'cls_feats': cls_feats, 'prior': prior, 'bias_vocab': np.asarray(vocab, np.int32)}
+  out = {'cls_feats': cls_feats, 'prior': prior, **_bias_vocab(config, train)}
+  vocab = out['bias_vocab']
   if _is_writer():
     ckpt_lib.write_npz(path, out)
   print(f'prototypes, prior and {len(vocab)} bias words from {len(labels)} train samples '
         f'({time.time() - t0:.1f} s) -> {path}', flush=True)
   return out
+
+
+def _maci_settings(config) -> dict:
+  return {'maci_top_k': np.asarray(config.maci.top_k, np.int64),
+          'maci_cv_threshold': np.asarray(config.maci.cv_threshold, np.float32)}
+
+
+def _bias_vocab(config, train_split) -> dict:
+  """{'bias_vocab', 'maci_top_k', 'maci_cv_threshold'} of the train split under config.maci."""
+  vocab = counterfactual.bias_vocabulary(train_split.text_ids, train_split.labels(config.task),
+                                         config.task, top_k=config.maci.top_k,
+                                         cv_threshold=config.maci.cv_threshold)
+  return {'bias_vocab': np.asarray(vocab, np.int32), **_maci_settings(config)}
+
+
+def bias_vocab_matches(config, c) -> bool:
+  """Whether cached constants `c` hold the bias vocabulary of config.maci (top_k, cv_threshold)."""
+  want = _maci_settings(config)
+  return all(k in c and np.array_equal(np.asarray(c[k]), want[k]) for k in want)
+
+
+def with_bias_vocab(config, c, train_split) -> dict:
+  """Cached constants `c`, their bias vocabulary recomputed when config.maci differs from the
+  settings it was built with (the vocabulary depends on the train split and config.maci only;
+  the model does not, so a different maci.top_k / cv_threshold is legitimate at evaluation)."""
+  if bias_vocab_matches(config, c):
+    return c
+  old = (f'top_k={int(c["maci_top_k"])}, cv_threshold={float(c["maci_cv_threshold"]):g}'
+         if 'maci_top_k' in c and 'maci_cv_threshold' in c else 'unrecorded settings')
+  c = {**c, **_bias_vocab(config, train_split)}
+  print(f'bias vocabulary recomputed for maci.top_k={config.maci.top_k}, '
+        f'maci.cv_threshold={config.maci.cv_threshold:g} (constants.npz has {old}): '
+        f'{len(c["bias_vocab"])} bias words', flush=True)
+  return c
 
 
 def train_consts(c, vocab_size):
@@ -199,6 +231,7 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
   from tqdm import tqdm
   parallel.initialize(config.distributed)
   configuration.validate(config)  # after initialize: it counts the devices
+  configuration.check_workdir(workdir)
   parallel.enable_compilation_cache(config.train.compilation_cache)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   n_dev = jax.local_device_count()

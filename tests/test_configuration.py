@@ -228,3 +228,15 @@ def test_launcher_dry_run_with_impossible_heads():
   errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
   assert errors == ['error: config.model.num_heads is 5; expected a divisor of '
                     'model.embed_dim=32: 1, 2, 4, 8, 16 or 32']
+
+
+def test_uri_workdir_needs_its_filesystem(monkeypatch):
+  import importlib.util
+  configuration.check_workdir('/tmp/run')  # local: nothing to check
+  with pytest.raises(configuration.ConfigError, match='unsupported scheme ftp://'):
+    configuration.check_workdir('ftp://host/run')
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *a: None if name == 'gcsfs' else real(name, *a))
+  with pytest.raises(configuration.ConfigError, match='needs the gcsfs package.*requirements-gcs'):
+    configuration.check_workdir('gs://bucket/run')

@@ -210,3 +210,39 @@ def test_jax_counterfactual_keeps_specials_with_a_small_table():
   table = cf.bias_lookup_table(np.array([3]), 64)  # specials 100..103 lie outside the table
   got = cf.counterfactual_ids_jax(jnp.array([[101, 3, 4, 100, 102, 103, 0]]), table)
   np.testing.assert_array_equal(np.asarray(got), [[101, 3, 103, 100, 102, 103, 0]])
+
+
+class _TrainSplit:
+  """The two things the bias vocabulary reads from a train split."""
+
+  def __init__(self, text_ids, label3):
+    self.text_ids, self._label3 = text_ids, label3
+
+  def labels(self, task):
+    assert task == 'binary'
+    return self._label3
+
+
+def test_cached_bias_vocab_is_recomputed_for_other_maci_settings(capsys):
+  from cider_jax import train
+  from configs import quickstart
+  # word 1000 only in positives (cv = sqrt(2)/... large), word 2000 evenly split (cv 0)
+  ids = np.array([[101, 1000, 2000, 102], [101, 1000, 2000, 102],
+                  [101, 2000, 3000, 102], [101, 2000, 3000, 102]], np.int32)
+  split = _TrainSplit(ids, np.array([2, 2, 0, 0], np.int32))
+  config = quickstart.get_config()
+  config.maci.top_k, config.maci.cv_threshold = 10, 0.1
+  cached = {'cls_feats': np.zeros((3, 4), np.float32), 'prior': np.ones(3, np.float32) / 3,
+            'bias_vocab': np.array([1000, 3000], np.int32),
+            'maci_top_k': np.asarray(10, np.int64),
+            'maci_cv_threshold': np.asarray(0.1, np.float32)}
+  assert train.bias_vocab_matches(config, cached)
+  assert train.with_bias_vocab(config, cached, split) is cached  # same settings: the cache
+  config.maci.top_k = 1
+  got = train.with_bias_vocab(config, cached, split)
+  assert got['bias_vocab'].tolist() == [1000]  # 1000 and 3000 tie on count; first seen wins
+  assert int(got['maci_top_k']) == 1 and got['cls_feats'] is cached['cls_feats']
+  assert 'recomputed for maci.top_k=1' in capsys.readouterr().out
+  legacy = {k: v for k, v in cached.items() if not k.startswith('maci_')}
+  assert not train.bias_vocab_matches(config, legacy)  # unrecorded settings are not trusted
+  assert train.with_bias_vocab(config, legacy, split)['bias_vocab'].tolist() == [1000]

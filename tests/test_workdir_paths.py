@@ -125,7 +125,7 @@ def test_constants_written_by_process_0_only_and_read_back(gcs, process, monkeyp
   cached = train.constants(config, splits, tiny.SPEC, None, None, workdir)
   assert len(computed) == 2  # read from gs://bucket/run/constants.npz, not recomputed
   for c in (c1, cached):
-    assert c.keys() == {'cls_feats', 'prior', 'bias_vocab'}
+    assert c.keys() == {'cls_feats', 'prior', 'bias_vocab', 'maci_top_k', 'maci_cv_threshold'}
     for k in c:
       np.testing.assert_array_equal(c[k], c0[k])
   assert ('open', 'gs://bucket/run/constants.npz', 'rb') in calls

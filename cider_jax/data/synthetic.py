@@ -34,7 +34,7 @@ import numpy as np
 
 from cider_jax.data.validate import DataError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: the shifted split reverses the cue (was: independent of the label)
 SPLIT_CODES = {'train': 0, 'valid': 1, 'test': 2}
 PARAM_NAMES = ('seed', 'n_train', 'n_valid', 'n_test', 'text_len', 'audio_len', 'vision_len',
                'audio_dim', 'vision_dim')
@@ -204,8 +204,8 @@ def _cue_word(rng, true_class, shifted):
   if true_class == 1:
     return _pick(rng, CUE_WORDS) if rng.random() < _NEUTRAL_CUE_RATE else None
   own, other = (POS_CUES, NEG_CUES) if true_class == 2 else (NEG_CUES, POS_CUES)
-  if shifted:  # same cue frequency, polarity independent of the label
-    return _pick(rng, CUE_WORDS) if rng.random() < _CUE_RATE + _CUE_LEAK else None
+  if shifted:  # same cue frequency, association reversed: mostly the opposite polarity's cue
+    own, other = other, own
   u = rng.random()
   if u < _CUE_RATE:
     return _pick(rng, own)

