@@ -72,6 +72,7 @@ def restore_best(config, workdir, train_split=None):
   model, _, _, state = train.init_state(config, spec, bert_config,
                                         train.train_consts(c, bert_config.vocab_size))
   state, meta = ckpts.restore('best', state, config)
+  meta = {**meta, 'step': int(state.step)}
   consts = train.eval_consts(c, bert_config.vocab_size, spec.num_classes)
   return model, state.params, consts, spec, meta
 
