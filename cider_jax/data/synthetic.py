@@ -22,7 +22,7 @@ What the data contains:
 `synthetic_path(cache_dir, cfg)` writes the pickle once per configuration (keyed by a hash of
 the sizes, the seed and the generator version) and reuses it.
 
-  python -m cider_jax.data.synthetic [--config configs/quickstart.py]  # per-modality signal
+  python -m cider_jax.data.synthetic [--quickstart]  # per-modality signal of the generated data
 """
 import hashlib
 import json
