@@ -52,6 +52,18 @@ def init_state(config, spec, bert_config, consts, encoder_params=None) -> TrainS
   return model, tx, labels, state
 
 
+def check_finite(step: int, scalars: dict, checkpoint_root) -> None:
+  """TrainingError naming the step and every loss / gradient term if one is not finite."""
+  terms = {k: v for k, v in scalars.items() if k.startswith(('loss', 'grad'))}
+  if all(np.isfinite(v) for v in terms.values()):
+    return
+  raise TrainingError(
+      f'non-finite loss or gradient at step {step}: '
+      + ', '.join(f'{k}={v:.4g}' for k, v in terms.items())
+      + f'; stopped, the last good checkpoint is kept in {checkpoint_root}/latest '
+      '(lower optim.lr or set optim.grad_clip)')
+
+
 def _is_writer() -> bool:
   """Whether this process writes the workdir's files (checkpoints excepted): process 0."""
   return jax.process_index() == 0
@@ -296,12 +308,7 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
         step += 1
         done_in_epoch = pipeline.position_in_epoch(it, steps_per_epoch)
         sm = _scalar_metrics(m)  # waits for the step; the next batch is prefetched meanwhile
-        if not all(np.isfinite(v) for k, v in sm.items() if k.startswith(('loss', 'grad'))):
-          raise TrainingError(
-              f'non-finite loss or gradient at step {step}: ' + ', '.join(
-                  f'{k}={v:.4g}' for k, v in sm.items() if k.startswith(('loss', 'grad'))) +
-              f'; stopped, the last good checkpoint is kept in {ckpts.root}/latest '
-              '(lower optim.lr or set optim.grad_clip)')
+        check_finite(step, sm, ckpts.root)
         if step % config.train.log_every == 0 or done_in_epoch == 0:
           log.append(dict(step=step, epoch=epoch, **sm))
           bar.set_postfix(loss=f'{sm["loss"]:.3f}',

@@ -28,14 +28,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)
-  from cider_jax import evaluate, parallel
+  from cider_jax import checkpoint, evaluate, parallel
   config = _CONFIG.value
   # as training does: jax.distributed before anything counts devices (multi-host Cloud TPU)
   parallel.initialize(config.distributed)
   parallel.enable_compilation_cache(config.train.compilation_cache)
   try:
     evaluate.evaluate(config, _WORKDIR.value)
-  except (evaluate.EvaluationError, FileNotFoundError) as e:
+  except (evaluate.EvaluationError, checkpoint.CheckpointError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except (configuration.ConfigError, DataError) as e:

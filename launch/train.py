@@ -46,6 +46,14 @@ def main(argv):
   except (configuration.ConfigError, DataError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     sys.exit(2)
+  except train_errors() as e:  # a run that cannot go on: non-finite loss, unusable checkpoint
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+def train_errors():
+  from cider_jax import checkpoint, train
+  return train.TrainingError, checkpoint.CheckpointError
 
 
 if __name__ == '__main__':
