@@ -123,3 +123,30 @@ def test_predict_new_samples(run):
   assert out['tau'] == report['tau']['value']
   with pytest.raises(ValueError, match='audio\\[0\\]'):
     cider_jax.predict(workdir, ['x'], [rng.randn(4, 6)], [rng.randn(4, 20)])
+
+
+def test_bias_vocabulary_of_other_maci_settings(run, tmp_path, capsys):
+  """constants.npz records top_k / cv_threshold: other settings are recomputed from the train
+  split (launch/evaluate.py) or refused where no train split is at hand (predict)."""
+  import shutil
+  config, workdir, _ = run
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  path = os.path.join(copy, 'constants.npz')
+  with np.load(path) as z:
+    c = {k: z[k] for k in z.files}
+  c.update(maci_top_k=np.asarray(5, np.int64), maci_cv_threshold=np.asarray(0.1, np.float32),
+           bias_vocab=np.array([1000, 2000], np.int32))
+  np.savez(path, **c)
+  with pytest.raises(eval_lib.EvaluationError, match='maci.top_k=5'):
+    eval_lib.restore_best(config, copy)
+  splits = pipeline.load_splits(config, copy)
+  consts = eval_lib.restore_best(config, copy, splits['train'])[2]
+  assert f'recomputed for maci.top_k={config.maci.top_k}' in capsys.readouterr().out
+  from cider_jax import counterfactual
+  tr = splits['train']
+  want = counterfactual.bias_vocabulary(tr.text_ids, tr.labels(config.task), config.task,
+                                        config.maci.top_k, config.maci.cv_threshold)
+  table = np.asarray(consts['bias_table'])
+  specials = {i for i in counterfactual.SPECIAL_IDS if i < table.size}
+  assert set(np.flatnonzero(table > 0).tolist()) == set(np.asarray(want).tolist()) | specials
