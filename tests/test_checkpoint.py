@@ -61,3 +61,23 @@ def test_round_trip_is_exact(tmp_path, state):
 
 def test_no_checkpoint_gives_none(tmp_path, state):
   assert ckpt_lib.Checkpoints(str(tmp_path)).restore('latest', state, tiny.config()) is None
+
+
+def test_save_killed_midway_leaves_no_checkpoint(tmp_path, state, capsys):
+  """A kill during a save leaves orbax's temporary folder (step.orbax-checkpoint-tmp-…) with
+  part of the files; it is not a checkpoint: the previous one is restored, without a warning."""
+  import shutil
+  config = tiny.config()
+  ck = ckpt_lib.Checkpoints(str(tmp_path))
+  ck.save('latest', 5, state.replace(step=state.step + 5), _meta(config, 5))
+  root = tmp_path / 'checkpoints' / 'latest'
+  partial = root / '9.orbax-checkpoint-tmp-1700000000'
+  shutil.copytree(root / '5', partial)
+  files = sorted(p for p in partial.rglob('*') if p.is_file())
+  for p in files[len(files) // 2:]:  # the save stopped half-way
+    p.unlink()
+  fresh = ckpt_lib.Checkpoints(str(tmp_path))
+  assert list(fresh.latest.all_steps()) == [5]
+  restored, meta = fresh.restore('latest', state, config)
+  assert int(restored.step) == 5 and meta['epoch'] == 5
+  assert 'unreadable' not in capsys.readouterr().err
