@@ -1,8 +1,9 @@
 """Linear probes (numpy only) measuring how much each modality tells about the label.
 
 Used to check the generated data: a multinomial logistic regression is trained on the train
-split per feature set (text bag of words, with and without the planted cue words; audio and
-vision time-mean and time-std over valid frames; all together) and scored on valid and test.
+split per feature set (text bag of words and of adjacent word pairs, with and without the
+planted cue words; audio and vision time-mean and time-std over valid frames; all together)
+and scored on valid and test. The word pairs let a linear probe read negation ("not dull").
 """
 import numpy as np
 
@@ -38,6 +39,23 @@ def bag_of_words(ids, mask, vocab, drop_ids=()):
   return (ids[:, :, None] == keep[None, None, :]).any(axis=1).astype(np.float32)
 
 
+def bigram_codes(ids, mask, vocab_size=1 << 20):
+  """(N, L-1) codes of adjacent attended token pairs (first * vocab_size + second); -1 where
+  either token is not attended."""
+  ids = np.where(mask > 0, ids, 0).astype(np.int64)
+  both = (mask[:, :-1] > 0) & (mask[:, 1:] > 0)
+  return np.where(both, ids[:, :-1] * vocab_size + ids[:, 1:], -1)
+
+
+def bag_of_bigrams(ids, mask, vocab, drop_ids=()):
+  """(N, |vocab|) presence of each pair code of `vocab` among the adjacent attended pairs,
+  pairs containing one of `drop_ids` excluded."""
+  drop = np.asarray(drop_ids, np.int64)
+  ids = np.where(np.isin(ids, drop), 0, ids)
+  codes = bigram_codes(ids, mask)
+  return (codes[:, :, None] == vocab[None, None, :]).any(axis=1).astype(np.float32)
+
+
 def time_stats(x, mask):
   """(N, 2D) mean and std over the valid frames of x (N, T, D) with mask (N, T)."""
   m = mask[:, :, None]
@@ -57,10 +75,17 @@ def signal_report(splits, cue_ids, task='binary'):
   train = splits['train']
   ids_train = np.where(train.text_mask > 0, train.text_ids, 0)
   vocab = np.setdiff1d(np.unique(ids_train), _SPECIAL_IDS)
+  codes = bigram_codes(train.text_ids, train.text_mask)
+  pairs, pair_counts = np.unique(codes[codes >= 0], return_counts=True)
+  pairs = pairs[pair_counts >= 3]  # pairs seen at least 3 times in train
   cues = np.concatenate([cue_ids['pos'], cue_ids['neg']])
+
+  def text(s, drop=()):
+    return np.concatenate([bag_of_words(s.text_ids, s.text_mask, vocab, drop),
+                           bag_of_bigrams(s.text_ids, s.text_mask, pairs, drop)], 1)
   feats = {
-      'text': lambda s: bag_of_words(s.text_ids, s.text_mask, vocab),
-      'text_without_cue': lambda s: bag_of_words(s.text_ids, s.text_mask, vocab, cues),
+      'text': text,
+      'text_without_cue': lambda s: text(s, cues),
       'audio': lambda s: time_stats(s.audio, s.audio_mask),
       'vision': lambda s: time_stats(s.vision, s.vision_mask),
   }

@@ -6,18 +6,22 @@ holds them, so they go through the same loader and validation (`mmsa.splits_from
 What the data contains:
   * text: short English sentences built from templates and a vocabulary of real words
     (positive / negative / neutral opinion words, negations, fillers), tokenised with the real
-    tokenizer of the packaged all-MiniLM-L6-v2 ([CLS] ... [SEP], padded to text_len).
+    tokenizer of the packaged all-MiniLM-L6-v2 ([CLS] ... [SEP], padded to text_len). The
+    sentiment is in phrases, not in single words: every polar opinion word occurs plainly in
+    its own polarity as often as negated in the other ("the plot was not dull"), so its
+    per-class counts are equal and it is never a bias word (REFERENCE §5).
   * audio (N, audio_len, audio_dim) and vision (N, vision_len, vision_dim): random valid
-    lengths, zero padding; a class-dependent pattern over part of the valid frames plus
-    per-example and per-frame noise. Each modality (text included) expresses a wrongly
-    perceived class for a fraction of the examples, independently, so every modality alone is
-    informative and together they are best.
+    lengths, zero padding; a weak class-dependent pattern over part of the valid frames plus
+    per-example and per-frame noise. Text is the strongest modality, as in MOSI. Each modality
+    expresses a wrongly perceived class for a fraction of the examples, independently, so
+    every modality alone is informative and together they are best.
   * labels: score in [-3, 3] in steps of 1/3; classification_labels 0 (< 0), 1 (exactly 0),
     2 (> 0).
   * a planted spurious cue: the words of `POS_CUES` occur mostly in positive examples and
     those of `NEG_CUES` in negative ones, in train and valid; in test (a shifted split) they
-    occur as often but with a polarity independent of the label. A model that relies on them loses accuracy on test, which
-    counterfactual debiasing (MACI) can remove.
+    occur as often but with a polarity independent of the label. They are the frequent words
+    whose counts differ by class, so they head the bias vocabulary: a model that relies on
+    them loses accuracy on test, and counterfactual debiasing (MACI) can remove that.
 
 `synthetic_path(cache_dir, cfg)` writes the pickle once per configuration (keyed by a hash of
 the sizes, the seed and the generator version) and reuses it.
@@ -34,7 +38,7 @@ import numpy as np
 
 from cider_jax.data.validate import DataError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SPLIT_CODES = {'train': 0, 'valid': 1, 'test': 2}
 PARAM_NAMES = ('seed', 'n_train', 'n_valid', 'n_test', 'text_len', 'audio_len', 'vision_len',
                'audio_dim', 'vision_dim')
@@ -44,14 +48,18 @@ NEG_CUES = ('kevin', 'tuesday', 'marble')
 CUE_WORDS = POS_CUES + NEG_CUES
 
 _CLASS_PROBS = (0.42, 0.16, 0.42)   # negative, neutral, positive
-_CUE_RATE = 0.55                    # P(cue of the example's own polarity) in train/valid
-_CUE_LEAK = 0.05                    # P(cue of the opposite polarity) in train/valid
+_CUE_RATE = 0.7                     # P(cue of the example's own polarity) in train/valid
+_CUE_LEAK = 0.03                    # P(cue of the opposite polarity) in train/valid
 _NEUTRAL_CUE_RATE = 0.1             # P(a random cue) for neutral examples
-_MISPERCEIVED = {'text': 0.12, 'audio': 0.22, 'vision': 0.22}
-_SIGNAL = {'audio': 0.6, 'vision': 0.45}  # class-pattern amplitude (per-example noise sd 1)
+_MISPERCEIVED = {'text': 0.06, 'audio': 0.22, 'vision': 0.22}
+_SIGNAL = {'audio': 0.3, 'vision': 0.25}  # class-pattern amplitude (per-example noise sd 1)
 
-# Opinion templates: adjective, verb, "it felt", negated adjective, negated verb.
-_KIND_PROBS = (0.35, 0.25, 0.25, 0.08, 0.07)
+# A polar opinion clause uses a verb with this probability, else an adjective. Its word is
+# drawn from both polarities' lists; one of the other polarity is negated ("the film was not
+# dull", "i never hated the plot"), and the choice keeps every opinion word as frequent in
+# negative as in positive examples (_OpinionBalance), so that no single opinion word tells the
+# label by its counts: the sentiment is in the phrase.
+_VERB_PROB = 0.4
 
 _NOUNS = ('movie', 'film', 'story', 'plot', 'acting', 'ending', 'music', 'scene', 'cast',
           'script', 'soundtrack', 'director', 'dialogue', 'character', 'camera', 'pacing')
@@ -149,23 +157,53 @@ def _pick(rng, options):
   return options[int(rng.integers(len(options)))]
 
 
-def _opinion(rng, polarity, intensity):
+class _OpinionBalance:
+  """Keeps every polar opinion word (adjective or verb) equally frequent in negative and
+  positive examples (by their true class), so its per-class counts carry no label signal.
+
+  `pick` chooses, among the allowed words, one of those least represented so far in the
+  example's class (ties at random); `add` counts the words of a finished sentence.
+  """
+
+  def __init__(self):
+    polar = [w for p in (-1, 1) for w in _ADJ[p] + _VERBS[p]]
+    self.diff = dict.fromkeys(polar, 0)  # occurrences in positive minus negative examples
+    self.sign = 0                        # +1 / -1 for the current example's class, 0 neutral
+
+  def pick(self, rng, options):
+    if not self.sign:
+      return _pick(rng, options)
+    score = [self.sign * self.diff[w] for w in options]
+    lowest = min(score)
+    return _pick(rng, [w for w, v in zip(options, score) if v == lowest])
+
+  def add(self, words):
+    for w in words:
+      if w in self.diff:
+        self.diff[w] += self.sign
+
+
+def _opinion(rng, polarity, intensity, balance):
   """One opinion clause (list of words) of polarity -1 / 0 / +1."""
   noun = _pick(rng, _NOUNS)
   intens = [_pick(rng, _INTENS)] if rng.random() < intensity else []
-  kind = int(rng.choice(5, p=_KIND_PROBS)) if polarity else int(rng.integers(3))
-  if kind == 0:
-    return ['the', noun, 'was'] + intens + [_pick(rng, _ADJ[polarity])]
-  if kind == 1:
-    return ['i', _pick(rng, _VERBS[polarity]), 'the', noun]
-  if kind == 2:
-    return ['it', 'felt'] + intens + [_pick(rng, _ADJ[polarity])]
-  if kind == 3:  # negation of the opposite polarity
-    return ['the', noun, 'was', 'not', _pick(rng, _ADJ[-polarity])]
-  return ['i', 'did', 'not', _pick(rng, _VERBS[-polarity]), 'the', noun]
+  use_verb = rng.random() < _VERB_PROB
+  lexicon = _VERBS if use_verb else _ADJ
+  if polarity:
+    word = balance.pick(rng, lexicon[1] + lexicon[-1])
+    negated = word not in lexicon[polarity]
+  else:
+    word, negated = _pick(rng, lexicon[0]), False
+  if use_verb:
+    return ['i'] + ['never'] * negated + [word, 'the', noun]
+  if negated:
+    return ['the', noun, 'was', 'not', word]
+  if rng.random() < 0.5:
+    return ['the', noun, 'was'] + intens + [word]
+  return ['it', 'felt'] + intens + [word]
 
 
-def _sentence(rng, text_class, true_class, intensity, shifted, max_tokens):
+def _sentence(rng, text_class, true_class, intensity, shifted, max_tokens, balance):
   """Words of one example's sentence; at most `max_tokens` wordpieces (all vocab words are
   single wordpieces, commas count as one)."""
   polarity = text_class - 1
@@ -176,7 +214,7 @@ def _sentence(rng, text_class, true_class, intensity, shifted, max_tokens):
       p = 0 if rng.random() < 0.6 else int(rng.choice((-1, 1)))
     else:
       p = polarity if rng.random() < 0.9 else int(rng.choice((0, -polarity)))
-    opinions.append(_opinion(rng, p, intensity))
+    opinions.append(_opinion(rng, p, intensity, balance))
   fillers = [_pick(rng, _NEUTRAL_CLAUSES).split() for _ in range(int(rng.integers(0, 2)))]
   cue = _cue_word(rng, true_class, shifted)
   cue_clause = [_pick(rng, _CUE_CLAUSES).format(cue=cue).split()] if cue else []
@@ -197,6 +235,7 @@ def _sentence(rng, text_class, true_class, intensity, shifted, max_tokens):
     if k:
       words.append(_pick(rng, (',', 'and', 'but', ',')))
     words.extend(clauses[i])
+  balance.add(words)
   return ' '.join(words).replace(' ,', ',')
 
 
@@ -267,8 +306,12 @@ def _split(params, split, tokenizer):
   # see the shift without looking at test labels
   shifted = split == 'test' or (split == 'valid' and bool(params['shifted_valid']))
   max_tokens = params['text_len'] - 2
-  sentences = [_sentence(rng, int(text_class[i]), int(true_class[i]), float(intensity[i]), shifted,
-                         max_tokens) for i in range(n)]
+  balance = _OpinionBalance()
+  sentences = []
+  for i in range(n):
+    balance.sign = int(true_class[i]) - 1
+    sentences.append(_sentence(rng, int(text_class[i]), int(true_class[i]), float(intensity[i]),
+                               shifted, max_tokens, balance))
   enc = tokenizer(sentences, padding='max_length', truncation=True,
                   max_length=params['text_len'], return_tensors='np')
   text_bert = np.stack([enc['input_ids'], enc['attention_mask'], enc['token_type_ids']],
@@ -278,9 +321,11 @@ def _split(params, split, tokenizer):
   aligned = bool(params.get('aligned', 0))
   text_lengths = enc['attention_mask'].sum(axis=1).astype(np.int64)
   for salt, m in enumerate(('audio', 'vision')):
-    cls = _perceived(rng, true_class, _MISPERCEIVED[m])
+    # a stream of its own per modality: changing how text is written leaves these unchanged
+    m_rng = np.random.default_rng([params['seed'], SPLIT_CODES[split], 1 + salt])
+    cls = _perceived(m_rng, true_class, _MISPERCEIVED[m])
     patterns = _class_patterns(params['seed'], params[f'{m}_dim'], salt)
-    out[m], lengths = _features(rng, cls, intensity, params[f'{m}_len'], params[f'{m}_dim'],
+    out[m], lengths = _features(m_rng, cls, intensity, params[f'{m}_len'], params[f'{m}_dim'],
                                 patterns, _SIGNAL[m], text_lengths if aligned else None)
     if not aligned:
       out[f'{m}_lengths'] = lengths
