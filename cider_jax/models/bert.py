@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cider_jax.models.dropout import Dropout
+
 PACKAGE_PREFIX = 'package:'
 
 
@@ -64,7 +66,7 @@ class BertEmbeddings(nn.Module):
     positions = jnp.arange(ids.shape[1])[None, :]
     x = word(ids) + seg(segments) + pos(positions)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, name='LayerNorm')(x)
-    x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+    x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
     return x.astype(self.dtype)
 
 
@@ -85,7 +87,7 @@ class BertSelfAttention(nn.Module):
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(hd).astype(np.float32)
     scores = scores.astype(jnp.float32) + mask_bias
     probs = jax.nn.softmax(scores, axis=-1)
-    probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+    probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     ctx = jnp.einsum('bhqk,bkhd->bqhd', probs.astype(self.dtype), v)
     return ctx.reshape(x.shape[:2] + (c.hidden_size,))
 
@@ -100,7 +102,7 @@ class BertDenseOutput(nn.Module):
     c = self.config
     x = nn.Dense(c.hidden_size, dtype=self.dtype, name='dense',
                  kernel_init=nn.initializers.normal(0.02))(x)
-    x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+    x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, name='LayerNorm')(
         x.astype(jnp.float32) + residual.astype(jnp.float32))
     return x.astype(self.dtype)

@@ -5,6 +5,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cider_jax.models.dropout import Dropout
+
 
 class AttentionPool(nn.Module):
   """Linear(E, E) → tanh → Linear(E, 1) scores, softmax over time (no padding mask), sum."""
@@ -29,7 +31,7 @@ class JointRep(nn.Module):
   def __call__(self, x, deterministic: bool):
     D = x.shape[-1]
     h = jax.nn.relu(nn.Dense(D, dtype=self.dtype, name='proj1')(x))
-    h = nn.Dropout(self.out_dropout)(h, deterministic=deterministic)
+    h = Dropout(self.out_dropout)(h, deterministic=deterministic)
     return x + nn.Dense(D, dtype=self.dtype, name='proj2')(h).astype(jnp.float32)
 
 

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cider_jax.models.dropout import Dropout
+
 # rows: patterns in the order of the original's out_proj indices; columns: key blocks L, A, V
 PATTERNS = ('LAV', 'LA', 'LV', 'AV', 'L', 'A', 'V')
 MEMBERSHIP = np.array([[m in p for m in 'LAV'] for p in PATTERNS], np.float32)  # (7, 3)
@@ -166,7 +168,7 @@ class CompositeAttention(nn.Module):
     heads = lambda t: jnp.transpose(t.reshape(B, T, H, D), (0, 2, 1, 3))
     drop = None
     if self.attn_dropout > 0 and not deterministic:
-      drop = lambda w: nn.Dropout(self.attn_dropout)(w, deterministic=False)
+      drop = lambda w: Dropout(self.attn_dropout)(w, deterministic=False)
     per_block, scores = composite_attention_heads(heads(q), heads(k), heads(v), L, drop)
     out_kernel = self.param('out_kernel', lambda k, s: jax.vmap(lambda kk: xavier(kk, s[1:]))(
         jax.random.split(k, s[0])), (7, E, E))
@@ -199,12 +201,12 @@ class MCTLayer(nn.Module):
     h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='ln_attn')(x)
     h, scores = CompositeAttention(E, self.num_heads, self.attn_dropout, self.dtype,
                                    name='attention')(h, deterministic)
-    x = x + nn.Dropout(self.res_dropout)(h, deterministic=deterministic)
+    x = x + Dropout(self.res_dropout)(h, deterministic=deterministic)
     h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='ln_ffn')(x)
     h = jax.nn.relu(nn.Dense(4 * E, dtype=self.dtype, kernel_init=xavier, name='fc1')(h))
-    h = nn.Dropout(self.relu_dropout)(h, deterministic=deterministic)
+    h = Dropout(self.relu_dropout)(h, deterministic=deterministic)
     h = nn.Dense(E, dtype=self.dtype, kernel_init=xavier, name='fc2')(h)
-    x = x + nn.Dropout(self.res_dropout)(h, deterministic=deterministic)
+    x = x + Dropout(self.res_dropout)(h, deterministic=deterministic)
     return x, scores
 
 
@@ -224,7 +226,7 @@ class MCT(nn.Module):
   def __call__(self, x, deterministic: bool):
     """x (B, 3L, E) → (y (B, 3L, E), last layer's raw scores (B, H, 3L, 3L))."""
     x = add_positions(x, self.positions)
-    x = nn.Dropout(self.embed_dropout)(x, deterministic=deterministic)
+    x = Dropout(self.embed_dropout)(x, deterministic=deterministic)
     scores = None
     for i in range(self.layers):
       x, scores = MCTLayer(self.embed_dim, self.num_heads, self.attn_dropout, self.relu_dropout,
