@@ -168,7 +168,7 @@ class _OpinionBalance:
   def __init__(self):
     polar = [w for p in (-1, 1) for w in _ADJ[p] + _VERBS[p]]
     self.diff = dict.fromkeys(polar, 0)  # occurrences in positive minus negative examples
-    self.sign = 0                        # +1 / -1 for the current example's class, 0 neutral
+    self.sign = 0  # +1 / -1 for the class of the sentence being written, 0 neutral (_sentence)
 
   def pick(self, rng, options):
     if not self.sign:
@@ -206,6 +206,7 @@ def _opinion(rng, polarity, intensity, balance):
 def _sentence(rng, text_class, true_class, intensity, shifted, max_tokens, balance):
   """Words of one example's sentence; at most `max_tokens` wordpieces (all vocab words are
   single wordpieces, commas count as one)."""
+  balance.sign = true_class - 1
   polarity = text_class - 1
   n_opinions = 1 + int(rng.binomial(2, 0.3 + 0.5 * intensity))
   opinions = []
@@ -307,11 +308,8 @@ def _split(params, split, tokenizer):
   shifted = split == 'test' or (split == 'valid' and bool(params['shifted_valid']))
   max_tokens = params['text_len'] - 2
   balance = _OpinionBalance()
-  sentences = []
-  for i in range(n):
-    balance.sign = int(true_class[i]) - 1
-    sentences.append(_sentence(rng, int(text_class[i]), int(true_class[i]), float(intensity[i]),
-                               shifted, max_tokens, balance))
+  sentences = [_sentence(rng, int(text_class[i]), int(true_class[i]), float(intensity[i]), shifted,
+                         max_tokens, balance) for i in range(n)]
   enc = tokenizer(sentences, padding='max_length', truncation=True,
                   max_length=params['text_len'], return_tensors='np')
   text_bert = np.stack([enc['input_ids'], enc['attention_mask'], enc['token_type_ids']],
