@@ -148,6 +148,18 @@ def composite_attention_heads(q, k, v, block_len, attn_weights_fn=None):
   return per_block, scores
 
 
+class _DenseParams(nn.Module):
+  """The kernel (in, out) and bias (out,) of an `nn.Dense` of the same name and initialisers."""
+  in_features: int
+  features: int
+
+  @nn.compact
+  def __call__(self):
+    shape = (self.in_features, self.features)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), shape)
+    return kernel, self.param('bias', nn.initializers.zeros, (self.features,))
+
+
 class CompositeAttention(nn.Module):
   embed_dim: int
   num_heads: int
@@ -176,11 +188,15 @@ class CompositeAttention(nn.Module):
     projected = []
     for name in 'lav':
       idx = np.array(SUMMARY[name])
-      o = jnp.transpose(per_block[name], (3, 0, 2, 1, 4)).reshape(4, B, L, E).astype(self.dtype)
-      h = jnp.einsum('pbte,pef->pbtf', o, out_kernel[idx].astype(self.dtype))
-      h = h + out_bias[idx][:, None, None].astype(self.dtype)
-      h = jnp.transpose(h, (1, 2, 0, 3)).reshape(B, L, 4 * E)
-      projected.append(nn.Dense(E, dtype=self.dtype, name=f'summary_{name}')(h))
+      # summary(concat_p(o_p W_p + b_p)) = Σ_p o_p (W_p S_p) + (Σ_p b_p S_p + b_S): the four
+      # pattern projections and the summary are one contraction over (pattern, head, dim)
+      s_kernel, s_bias = _DenseParams(4 * E, E, name=f'summary_{name}')()
+      s_kernel = s_kernel.reshape(4, E, E)
+      w = jnp.einsum('pef,pfg->peg', out_kernel[idx], s_kernel)        # (4, E, E)
+      b = jnp.einsum('pf,pfg->g', out_bias[idx], s_kernel) + s_bias
+      w = w.reshape(4, H, D, E).astype(self.dtype)
+      h = jnp.einsum('bhtpd,phdg->btg', per_block[name].astype(self.dtype), w)
+      projected.append(h + b.astype(self.dtype))
     out = jnp.concatenate(projected, axis=1)
     out = nn.Dense(E, dtype=self.dtype, name='final_out')(out)
     return out, scores
