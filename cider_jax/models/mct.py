@@ -185,21 +185,21 @@ class CompositeAttention(nn.Module):
     out_kernel = self.param('out_kernel', lambda k, s: jax.vmap(lambda kk: xavier(kk, s[1:]))(
         jax.random.split(k, s[0])), (7, E, E))
     out_bias = self.param('out_bias', nn.initializers.zeros, (7, E))
+    final_kernel, final_bias = _DenseParams(E, E, name='final_out')()
     projected = []
     for name in 'lav':
       idx = np.array(SUMMARY[name])
-      # summary(concat_p(o_p W_p + b_p)) = Σ_p o_p (W_p S_p) + (Σ_p b_p S_p + b_S): the four
-      # pattern projections and the summary are one contraction over (pattern, head, dim)
+      # final(summary(concat_p(o_p W_p + b_p))) = Σ_p o_p (W_p S_p F) + ((Σ_p b_p S_p + b_S) F
+      # + b_F): the pattern projections, the summary and the final linear are one contraction
+      # over (pattern, head, dim) per modality block
       s_kernel, s_bias = _DenseParams(4 * E, E, name=f'summary_{name}')()
       s_kernel = s_kernel.reshape(4, E, E)
-      w = jnp.einsum('pef,pfg->peg', out_kernel[idx], s_kernel)        # (4, E, E)
-      b = jnp.einsum('pf,pfg->g', out_bias[idx], s_kernel) + s_bias
+      w = jnp.einsum('pef,pfg,gh->peh', out_kernel[idx], s_kernel, final_kernel)  # (4, E, E)
+      b = (jnp.einsum('pf,pfg->g', out_bias[idx], s_kernel) + s_bias) @ final_kernel + final_bias
       w = w.reshape(4, H, D, E).astype(self.dtype)
       h = jnp.einsum('bhtpd,phdg->btg', per_block[name].astype(self.dtype), w)
       projected.append(h + b.astype(self.dtype))
-    out = jnp.concatenate(projected, axis=1)
-    out = nn.Dense(E, dtype=self.dtype, name='final_out')(out)
-    return out, scores
+    return jnp.concatenate(projected, axis=1), scores
 
 
 class MCTLayer(nn.Module):
