@@ -131,15 +131,25 @@ def test_spurious_cue_is_planted_in_train_valid_not_test(probe_splits, tokenizer
   assert abs(rate['test'] - rate['train']) < 0.1
 
 
-def test_bias_vocabulary_holds_the_cue_words_and_no_opinion_word(tokenizer):
-  """The REFERENCE §5 rule on generated train data: the planted cue words are bias words, the
-  polar opinion words (equally frequent in negative and positive examples) are not."""
+def test_bias_vocabulary_holds_the_cue_words_not_the_opinion_words(tokenizer):
+  """The REFERENCE §5 rule on generated train data: the planted cue words are bias words with
+  a large coefficient of variation; the polar opinion words, balanced between negative and
+  positive examples, vary only by the difference of the class sizes, so only a few pass the
+  0.1 threshold, narrowly (5 of 37 here, 1 of 37 on the quickstart's data)."""
   from cider_jax import counterfactual
   train = mmsa.splits_from_dict(synthetic.generate(dict(SMALL, n_train=900), tokenizer))['train']
-  vocab = set(counterfactual.bias_vocabulary(train.text_ids, train.label3, 'binary').tolist())
-  cues = set(np.concatenate(list(synthetic.cue_token_ids(tokenizer).values())).tolist())
-  assert cues <= vocab
+  stats = counterfactual.bias_vocabulary_stats(train.text_ids, train.label3, 'binary')
+  vocab = dict(zip(stats.ids.tolist(), stats.cv.tolist()))
+  cues = np.concatenate(list(synthetic.cue_token_ids(tokenizer).values())).tolist()
+  assert set(cues) <= set(vocab) and min(vocab[c] for c in cues) > 0.8, vocab
   opinion_words = [w for p in (-1, 1) for w in synthetic._ADJ[p] + synthetic._VERBS[p]]
   opinion_ids = tokenizer.convert_tokens_to_ids(opinion_words)
   assert tokenizer.unk_token_id not in opinion_ids  # each is one wordpiece
-  assert not vocab & set(opinion_ids), [w for w, i in zip(opinion_words, opinion_ids) if i in vocab]
+  ids = np.where(train.text_mask > 0, train.text_ids, 0)
+  cv = []
+  for i in opinion_ids:
+    counts = np.array([(ids[train.label3 == k] == i).sum() for k in (0, 2)], np.float64)
+    cv.append(counts.std() / counts.mean())
+  assert np.mean(cv) < 0.08 and max(cv) < 0.2, dict(zip(opinion_words, np.round(cv, 3)))
+  in_vocab = [w for w, i in zip(opinion_words, opinion_ids) if i in vocab]
+  assert len(in_vocab) < len(opinion_words) // 4, in_vocab

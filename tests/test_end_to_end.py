@@ -96,4 +96,4 @@ def test_quickstart_end_to_end(tmp_path):
   rmfm = report['modes']['RMFM']
   assert rmfm['rates'][0] == 0.0
   gain = rmfm['debiased']['Non0_acc_2'][0] - rmfm['factual']['Non0_acc_2'][0]
-  assert gain >= 0.02, (gain, rmfm['tau'][0])
+  assert round(gain, 9) >= 0.02, (gain, rmfm['tau'][0])  # accuracies are multiples of 1/N

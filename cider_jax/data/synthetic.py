@@ -9,7 +9,8 @@ What the data contains:
     tokenizer of the packaged all-MiniLM-L6-v2 ([CLS] ... [SEP], padded to text_len). The
     sentiment is in phrases, not in single words: every polar opinion word occurs plainly in
     its own polarity as often as negated in the other ("the plot was not dull"), so its
-    per-class counts are equal and it is never a bias word (REFERENCE §5).
+    per-class counts differ only as much as the class sizes do and it is, at most narrowly, a
+    bias word (REFERENCE §5; on the quickstart's data 1 of the 37 passes the 0.1 threshold).
   * audio (N, audio_len, audio_dim) and vision (N, vision_len, vision_dim): random valid
     lengths, zero padding; a weak class-dependent pattern over part of the valid frames plus
     per-example and per-frame noise. Text is the strongest modality, as in MOSI. Each modality
@@ -48,10 +49,10 @@ NEG_CUES = ('kevin', 'tuesday', 'marble')
 CUE_WORDS = POS_CUES + NEG_CUES
 
 _CLASS_PROBS = (0.42, 0.16, 0.42)   # negative, neutral, positive
-_CUE_RATE = 0.7                     # P(cue of the example's own polarity) in train/valid
+_CUE_RATE = 0.8                     # P(cue of the example's own polarity) in train/valid
 _CUE_LEAK = 0.03                    # P(cue of the opposite polarity) in train/valid
 _NEUTRAL_CUE_RATE = 0.1             # P(a random cue) for neutral examples
-_MISPERCEIVED = {'text': 0.06, 'audio': 0.22, 'vision': 0.22}
+_MISPERCEIVED = {'text': 0.1, 'audio': 0.22, 'vision': 0.22}
 _SIGNAL = {'audio': 0.3, 'vision': 0.25}  # class-pattern amplitude (per-example noise sd 1)
 
 # A polar opinion clause uses a verb with this probability, else an adjective. Its word is
