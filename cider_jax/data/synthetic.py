@@ -58,8 +58,8 @@ _SIGNAL = {'audio': 0.3, 'vision': 0.25}  # class-pattern amplitude (per-example
 # A polar opinion clause uses a verb with this probability, else an adjective. Its word is
 # drawn from both polarities' lists; one of the other polarity is negated ("the film was not
 # dull", "i never hated the plot"), and the choice keeps every opinion word as frequent in
-# negative as in positive examples (_OpinionBalance), so that no single opinion word tells the
-# label by its counts: the sentiment is in the phrase.
+# negative as in positive examples up to the difference of the class sizes (_OpinionBalance),
+# so that no single opinion word tells the label by its counts: the sentiment is in the phrase.
 _VERB_PROB = 0.4
 
 _NOUNS = ('movie', 'film', 'story', 'plot', 'acting', 'ending', 'music', 'scene', 'cast',
@@ -159,8 +159,9 @@ def _pick(rng, options):
 
 
 class _OpinionBalance:
-  """Keeps every polar opinion word (adjective or verb) equally frequent in negative and
-  positive examples (by their true class), so its per-class counts carry no label signal.
+  """Keeps every polar opinion word (adjective or verb) as frequent in negative as in positive
+  examples (by their true class), so its per-class counts carry no label signal beyond the
+  difference of the class sizes (the greedy choice spreads that difference over the words).
 
   `pick` chooses, among the allowed words, one of those least represented so far in the
   example's class (ties at random); `add` counts the words of a finished sentence.
