@@ -57,7 +57,10 @@ def masked_inputs(inputs, text_keep, audio_keep, vision_keep):
 
 
 def _global(x, axis_name):
-  return jax.lax.psum(x, axis_name) if axis_name else x
+  """Sum over the devices of `axis_name`; the identity over one device (no all-reduce copy)."""
+  if not axis_name or jax.lax.axis_size(axis_name) == 1:
+    return x
+  return jax.lax.psum(x, axis_name)
 
 
 def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, config,

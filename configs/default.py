@@ -49,7 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.positions = 'time'      # 'time' (correct) or 'reference' (the original's batch-axis quirk)
   model.cross_dataset = False   # parameter-free LayerNorms in the audio/vision MCM encoders
   model.deterministic = False   # True turns every dropout off (equivalence tests)
-  model.dtype = 'float32'       # compute dtype: 'float32' or 'bfloat16' (parameters stay float32)
+  model.dtype = 'float32'       # text-encoder matmul operands: 'float32' or 'bfloat16'
+  #                               (float32 accumulation; the rest and all params stay float32)
 
   # ---------------------------------------------------------------- losses (REFERENCE §4)
   config.loss = loss = ml_collections.ConfigDict()

@@ -7,7 +7,8 @@
 Shapes are MOSI unaligned (L 50, La 375, Lv 500, Da 5, Dv 20; --aligned: 50/50/50), 3
 classes, a randomly initialised BERT of the given size. Prints one JSON line: ms_per_iter,
 samples_per_s, compile_s, peak_rss_mb, device, flops_per_iter (XLA cost analysis),
-fraction_of_peak (when --peak_gflops is known) and the settings.
+peak_gflops with its source (on CPU measured in the same run as the float32 throughput of a
+2048^3 matmul), fraction_of_peak and the settings.
 """
 import functools
 import json
@@ -34,8 +35,26 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _DEVICES = flags.DEFINE_integer('devices', 0, 'Devices to pmap over (0: all local devices).')
 _PROFILE = flags.DEFINE_string('profile', None, 'Write a jax.profiler trace of the timed steps '
                                'to this folder (open with Perfetto or TensorBoard).')
-_PEAK = flags.DEFINE_float('peak_gflops', 0.0, 'Peak GFLOP/s of the devices used (0: the '
-                           'known value for 2 Zen-4 CPU cores, 166, on CPU; else unknown).')
+_PEAK = flags.DEFINE_float('peak_gflops', 0.0, 'Peak float32 GFLOP/s of the devices used. 0: on '
+                           'CPU, measure it in the same run as the throughput of a 2048^3 float32 '
+                           'matmul on the devices used; elsewhere unknown (fraction_of_peak null).')
+
+
+def _matmul_gflops(devices, n=2048, repeats=5):
+  """Float32 GFLOP/s of an n³ matmul on each device at once, best of `repeats` (all devices)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  x = jax.pmap(lambda i: jnp.full((n, n), 1.0, jnp.float32) * (i + 1), devices=devices)(
+      np.arange(len(devices), dtype=np.float32))
+  mm = jax.pmap(lambda a: a @ a, devices=devices)
+  jax.block_until_ready(mm(x))
+  best = float('inf')
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(mm(x))
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 * len(devices) / best / 1e9
 
 
 def main(argv):
@@ -98,12 +117,15 @@ def main(argv):
     jax.profiler.stop_trace()
   ms = (time.time() - t0) / _STEPS.value * 1000
   platform = devices[0].platform
-  peak = _PEAK.value or (166.0 if platform == 'cpu' else 0.0)
+  peak, peak_source = _PEAK.value, '--peak_gflops'
+  if not peak and platform == 'cpu':
+    peak, peak_source = _matmul_gflops(devices), 'measured: float32 2048^3 matmul per device'
   out = {'ms_per_iter': round(ms, 2), 'samples_per_s': round(B / ms * 1000, 2),
          'compile_s': round(compile_s, 2),
          'peak_rss_mb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
          'device': f'{platform}:{devices[0].device_kind} x{n_dev}',
          'flops_per_iter': flops,
+         'peak_gflops': round(peak, 1) if peak else None, 'peak_source': peak_source if peak else None,
          'fraction_of_peak': (round(flops / (ms / 1000) / (peak * 1e9), 3) if peak and flops
                               else None),
          'batch': B, 'bert_hidden': _HIDDEN.value, 'bert_layers': _LAYERS.value,

@@ -21,3 +21,7 @@ def test_bench_tiny_json_line():
             'flops_per_iter'):
     assert k in out
   assert out['ms_per_iter'] > 0 and out['flops_per_iter'] > 0
+  # on CPU the float32 peak is measured in the same run (a 2048^3 matmul)
+  assert out['peak_gflops'] > 1 and out['peak_source'].startswith('measured')
+  assert 0 < out['fraction_of_peak'] == pytest.approx(
+      out['flops_per_iter'] / (out['ms_per_iter'] / 1000) / (out['peak_gflops'] * 1e9), rel=0.01)

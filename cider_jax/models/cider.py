@@ -89,7 +89,7 @@ class CIDer(nn.Module):
   out_dropout: float = 0.0
   positions: str = 'time'
   cross_dataset: bool = False
-  dtype: Any = jnp.float32
+  dtype: Any = jnp.float32                # the text encoder's matmul operands (matmul.Dense)
 
   @nn.compact
   def __call__(self, inputs, cls_feats, cls_probs, *, deterministic: bool = True,
@@ -103,13 +103,13 @@ class CIDer(nn.Module):
     h_text = BertEncoder(self.bert, self.bert_layers, self.dtype, name='text_encoder')(
         inputs['text_ids'], text_mask, inputs['text_segments'], deterministic)
 
-    proj = lambda name: nn.Dense(E, use_bias=False, dtype=self.dtype, name=name)
+    proj = lambda name: nn.Dense(E, use_bias=False, name=name)
     x_l = proj('proj_l')(h_text)
-    x_a = proj('proj_a')(inputs['audio'].astype(self.dtype))
-    x_v = proj('proj_v')(inputs['vision'].astype(self.dtype))
+    x_a = proj('proj_a')(inputs['audio'])
+    x_v = proj('proj_v')(inputs['vision'])
 
-    wsam_a = WSAM(E, self.dtype, name='wsam_a')
-    wsam_v = WSAM(E, self.dtype, name='wsam_v')
+    wsam_a = WSAM(E, name='wsam_a')
+    wsam_v = WSAM(E, name='wsam_v')
     if self.aligned:
       if self.is_initializing():   # the original holds (and counts) WSAM weights in aligned mode
         wsam_a(x_l, x_a, jnp.ones(x_a.shape[:1] + (L, x_a.shape[1])))
@@ -122,23 +122,23 @@ class CIDer(nn.Module):
     # the three modality GRUs share one scan over the L word positions
     weights = [GRUWeights(E, name=f'gru_{m}')(E) for m in 'lav']
     stacked = [jnp.stack(w) for w in zip(*weights)]
-    hs = gru_scan(jnp.stack([x_l, x_a, x_v]), *stacked, dtype=self.dtype)
+    hs = gru_scan(jnp.stack([x_l, x_a, x_v]), *stacked)
     h = jnp.concatenate([hs[0], hs[1], hs[2]], axis=1)
     h, scores = MCT(E, self.num_heads, self.layers, self.attn_dropout, self.relu_dropout,
-                    self.res_dropout, self.embed_dropout, self.positions, self.dtype,
+                    self.res_dropout, self.embed_dropout, self.positions,
                     name='mct')(h, deterministic)
     h_l, h_a, h_v = h[:, :L], h[:, L:2 * L], h[:, 2 * L:]
 
-    pooled = jnp.concatenate([AttentionPool(self.dtype, name=f'pool_{m}')(x)
+    pooled = jnp.concatenate([AttentionPool(name=f'pool_{m}')(x)
                               for m, x in (('l', h_l), ('a', h_a), ('v', h_v))], axis=-1)
-    z = JointRep(self.out_dropout, self.dtype, name='joint')(pooled, deterministic)
-    logp = MCM(self.num_classes, E, self.feature_dims, self.cross_dataset, self.dtype,
+    z = JointRep(self.out_dropout, name='joint')(pooled, deterministic)
+    logp = MCM(self.num_classes, E, self.feature_dims, self.cross_dataset,
                name='mcm')(z, cls_feats, cls_probs)
     out = {'logp': logp, 'joint_rep': z, 'scores': scores, 'text_hidden': h_text}
     if reconstruct or self.is_initializing():
-      out['text_recon'] = nn.Dense(Dl, dtype=self.dtype, name='recon_text')(h_l).astype(jnp.float32)
-      out['audio_recon'] = SequenceDecoder(La, Da, self.dtype, name='recon_audio')(h_a)
-      out['vision_recon'] = SequenceDecoder(Lv, Dv, self.dtype, name='recon_vision')(h_v)
+      out['text_recon'] = nn.Dense(Dl, name='recon_text')(h_l).astype(jnp.float32)
+      out['audio_recon'] = SequenceDecoder(La, Da, name='recon_audio')(h_a)
+      out['vision_recon'] = SequenceDecoder(Lv, Dv, name='recon_vision')(h_v)
     return out
 
 
