@@ -35,6 +35,9 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _DEVICES = flags.DEFINE_integer('devices', 0, 'Devices to pmap over (0: all local devices).')
 _PROFILE = flags.DEFINE_string('profile', None, 'Write a jax.profiler trace of the timed steps '
                                'to this folder (open with Perfetto or TensorBoard).')
+_PART = flags.DEFINE_enum('part', 'step', ['step', 'text_encoder'], 'What to time: the whole '
+                          'train step, or only its text-encoder work (two forward + backward '
+                          'passes of BERT, full and masked ids, no optimizer) to split the step.')
 _PEAK = flags.DEFINE_float('peak_gflops', 0.0, 'Peak float32 GFLOP/s of the devices used. 0: on '
                            'CPU, measure it in the same run as the throughput of a 2048^3 float32 '
                            'matmul on the devices used; elsewhere unknown (fraction_of_peak null).')
@@ -55,6 +58,33 @@ def _matmul_gflops(devices, n=2048, repeats=5):
     jax.block_until_ready(mm(x))
     best = min(best, time.perf_counter() - t0)
   return 2 * n ** 3 * len(devices) / best / 1e9
+
+
+def _text_encoder_passes(config, model, bert_config):
+  """(state, batch) → (state, metrics): the BERT forward + backward of the teacher (full ids)
+  and of the student (about half the tokens [UNK]), with the step's dtype and dropout."""
+  import jax
+  import jax.numpy as jnp
+  from cider_jax.models.bert import BertEncoder
+  encoder = BertEncoder(bert_config, model.bert_layers, model.dtype)
+
+  def loss(params, ids, mask, segments, key):
+    h = encoder.apply({'params': params}, ids, mask, segments,
+                      deterministic=bool(config.model.deterministic), rngs={'dropout': key})
+    return jnp.mean(h ** 2)
+
+  def fn(state, batch):
+    params = state.params['text_encoder']
+    ids, mask, seg = batch['text_ids'], batch['text_mask'], batch['text_segments']
+    key = jax.random.fold_in(state.rng, state.step)
+    drop = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, ids.shape) & (mask > 0)
+    l_t, g_t = jax.value_and_grad(loss)(params, ids, mask, seg, jax.random.fold_in(key, 2))
+    l_s, g_s = jax.value_and_grad(loss)(params, jnp.where(drop, 100, ids), mask, seg,
+                                        jax.random.fold_in(key, 3))
+    g = jax.tree.map(jnp.add, g_t, g_s)
+    return state.replace(step=state.step + 1), {'loss': l_t + l_s, 'grad_sum': sum(
+        jnp.sum(x) for x in jax.tree.leaves(g))}
+  return fn
 
 
 def main(argv):
@@ -94,6 +124,8 @@ def main(argv):
   devices = jax.local_devices()[:n_dev]
   fn = functools.partial(train_step, model=model, tx=tx, labels=labels, config=config,
                          axis_name='batch')
+  if _PART.value == 'text_encoder':
+    fn = _text_encoder_passes(config, model, bert_config)
   step = jax.pmap(fn, axis_name='batch', devices=devices, donate_argnums=(0,))
   r_state = jax.pmap(lambda x: x, devices=devices)(
       jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n_dev,) + np.shape(x)), state))
@@ -130,6 +162,7 @@ def main(argv):
                               else None),
          'batch': B, 'bert_hidden': _HIDDEN.value, 'bert_layers': _LAYERS.value,
          'bert_heads': _HEADS.value, 'aligned': _ALIGNED.value, 'dtype': config.model.dtype,
+         'part': _PART.value,
          'loss': float(np.asarray(m['loss'])[0])}
   print(json.dumps(out))
 
