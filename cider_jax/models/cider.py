@@ -35,18 +35,16 @@ class GRUWeights(nn.Module):
             self.param('b_ih', init, (3 * H,)), self.param('b_hh', init, (3 * H,)))
 
 
-def gru_scan(x, w_ih, w_hh, b_ih, b_hh, dtype=jnp.float32):
+def gru_scan(x, w_ih, w_hh, b_ih, b_hh):
   """M independent GRUs run in one scan over time (initial state zero, all steps).
 
   x (M, B, T, E); w_ih (M, E, 3H), w_hh (M, H, 3H), b_ih / b_hh (M, 3H) → (M, B, T, H).
   """
   H = w_hh.shape[1]
-  gx = (jnp.einsum('mbte,meg->mbtg', x.astype(dtype), w_ih.astype(dtype)).astype(jnp.float32)
-        + b_ih[:, None, None, :])
+  gx = jnp.einsum('mbte,meg->mbtg', x, w_ih) + b_ih[:, None, None, :]
 
   def step(h, g):
-    gh = (jnp.einsum('mbh,mhg->mbg', h.astype(dtype), w_hh.astype(dtype)).astype(jnp.float32)
-          + b_hh[:, None, :])
+    gh = jnp.einsum('mbh,mhg->mbg', h, w_hh) + b_hh[:, None, :]
     r = jax.nn.sigmoid(g[..., :H] + gh[..., :H])
     z = jax.nn.sigmoid(g[..., H:2 * H] + gh[..., H:2 * H])
     n = jnp.tanh(g[..., 2 * H:] + r * gh[..., 2 * H:])
@@ -63,13 +61,11 @@ class SequenceDecoder(nn.Module):
   then Linear(E → Do)."""
   out_len: int
   out_dim: int
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, h):
-    t = nn.Dense(self.out_len, dtype=self.dtype, name='time')(jnp.swapaxes(h, 1, 2))
-    return nn.Dense(self.out_dim, dtype=self.dtype, name='feature')(
-        jnp.swapaxes(jax.nn.relu(t), 1, 2)).astype(jnp.float32)
+    t = nn.Dense(self.out_len, name='time')(jnp.swapaxes(h, 1, 2))
+    return nn.Dense(self.out_dim, name='feature')(jnp.swapaxes(jax.nn.relu(t), 1, 2))
 
 
 class CIDer(nn.Module):
@@ -136,7 +132,7 @@ class CIDer(nn.Module):
                name='mcm')(z, cls_feats, cls_probs)
     out = {'logp': logp, 'joint_rep': z, 'scores': scores, 'text_hidden': h_text}
     if reconstruct or self.is_initializing():
-      out['text_recon'] = nn.Dense(Dl, name='recon_text')(h_l).astype(jnp.float32)
+      out['text_recon'] = nn.Dense(Dl, name='recon_text')(h_l)
       out['audio_recon'] = SequenceDecoder(La, Da, name='recon_audio')(h_a)
       out['vision_recon'] = SequenceDecoder(Lv, Dv, name='recon_vision')(h_v)
     return out

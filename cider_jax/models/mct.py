@@ -7,7 +7,6 @@ is a log-sum-exp combination of its blocks: one attention's cost, no seven maske
 This equals the original's masked softmaxes (masked keys get weight exp(−1e9) = 0 there).
 """
 import math
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -164,7 +163,6 @@ class CompositeAttention(nn.Module):
   embed_dim: int
   num_heads: int
   attn_dropout: float = 0.0
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
@@ -174,7 +172,7 @@ class CompositeAttention(nn.Module):
     D = E // H
     L = T // 3
     xavier = nn.initializers.xavier_uniform()
-    qkv = nn.Dense(3 * E, dtype=self.dtype, kernel_init=xavier, name='qkv')(x)
+    qkv = nn.Dense(3 * E, kernel_init=xavier, name='qkv')(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     q = q * np.float32(D ** -0.5)
     heads = lambda t: jnp.transpose(t.reshape(B, T, H, D), (0, 2, 1, 3))
@@ -196,9 +194,8 @@ class CompositeAttention(nn.Module):
       s_kernel = s_kernel.reshape(4, E, E)
       w = jnp.einsum('pef,pfg,gh->peh', out_kernel[idx], s_kernel, final_kernel)  # (4, E, E)
       b = (jnp.einsum('pf,pfg->g', out_bias[idx], s_kernel) + s_bias) @ final_kernel + final_bias
-      w = w.reshape(4, H, D, E).astype(self.dtype)
-      h = jnp.einsum('bhtpd,phdg->btg', per_block[name].astype(self.dtype), w)
-      projected.append(h + b.astype(self.dtype))
+      h = jnp.einsum('bhtpd,phdg->btg', per_block[name], w.reshape(4, H, D, E))
+      projected.append(h + b)
     return jnp.concatenate(projected, axis=1), scores
 
 
@@ -208,20 +205,19 @@ class MCTLayer(nn.Module):
   attn_dropout: float = 0.0
   relu_dropout: float = 0.0
   res_dropout: float = 0.0
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     E = self.embed_dim
     xavier = nn.initializers.xavier_uniform()
-    h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='ln_attn')(x)
-    h, scores = CompositeAttention(E, self.num_heads, self.attn_dropout, self.dtype,
+    h = nn.LayerNorm(epsilon=1e-5, name='ln_attn')(x)
+    h, scores = CompositeAttention(E, self.num_heads, self.attn_dropout,
                                    name='attention')(h, deterministic)
     x = x + Dropout(self.res_dropout)(h, deterministic=deterministic)
-    h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='ln_ffn')(x)
-    h = jax.nn.relu(nn.Dense(4 * E, dtype=self.dtype, kernel_init=xavier, name='fc1')(h))
+    h = nn.LayerNorm(epsilon=1e-5, name='ln_ffn')(x)
+    h = jax.nn.relu(nn.Dense(4 * E, kernel_init=xavier, name='fc1')(h))
     h = Dropout(self.relu_dropout)(h, deterministic=deterministic)
-    h = nn.Dense(E, dtype=self.dtype, kernel_init=xavier, name='fc2')(h)
+    h = nn.Dense(E, kernel_init=xavier, name='fc2')(h)
     x = x + Dropout(self.res_dropout)(h, deterministic=deterministic)
     return x, scores
 
@@ -236,7 +232,6 @@ class MCT(nn.Module):
   res_dropout: float = 0.0
   embed_dropout: float = 0.0
   positions: str = 'time'
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
@@ -246,5 +241,5 @@ class MCT(nn.Module):
     scores = None
     for i in range(self.layers):
       x, scores = MCTLayer(self.embed_dim, self.num_heads, self.attn_dropout, self.relu_dropout,
-                           self.res_dropout, self.dtype, name=f'layer_{i}')(x, deterministic)
-    return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='ln_final')(x), scores
+                           self.res_dropout, name=f'layer_{i}')(x, deterministic)
+    return nn.LayerNorm(epsilon=1e-5, name='ln_final')(x), scores

@@ -1,5 +1,4 @@
 """WSAM: word-level single-head attention that aligns audio / vision to the text positions."""
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,19 +22,17 @@ def wsam_mask(text_mask, other_mask, text_lengths):
 class WSAM(nn.Module):
   """One-head attention: queries = projected text, keys = values = projected audio (or vision)."""
   embed_dim: int
-  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, text, other, mask):
     """text (B, L, E), other (B, Lo, E), mask (B, L, Lo) from `wsam_mask` → (B, L, E)."""
     E = self.embed_dim
-    dense = lambda name: nn.Dense(E, dtype=self.dtype, name=name,
-                                  kernel_init=nn.initializers.xavier_uniform())
+    dense = lambda name: nn.Dense(E, name=name, kernel_init=nn.initializers.xavier_uniform())
     q = dense('query')(text) * np.float32(E ** -0.5)
     k = dense('key')(other)
     v = dense('value')(other)
     scores = jnp.einsum('bqe,bke->bqk', q, k).astype(jnp.float32)
     scores = jnp.where(mask > 0, scores, scores + NEG)
     weights = jax.nn.softmax(scores, axis=-1) * mask
-    out = jnp.einsum('bqk,bke->bqe', weights.astype(self.dtype), v)
+    out = jnp.einsum('bqk,bke->bqe', weights, v)
     return dense('out')(out)
