@@ -7,6 +7,8 @@ is the same for a global batch whatever the number of devices it is split over. 
 import jax
 import jax.numpy as jnp
 
+from cider_jax.kernels import attention as native_attention
+
 
 def nll(logp, labels, valid):
   """Negative log-likelihood. logp (B, C), labels (B,) int, valid (B,)."""
@@ -31,6 +33,22 @@ def attention_kl(scores_teacher, scores_student, valid):
   log_s = jax.nn.log_softmax(scores_student, axis=-1)
   kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=(1, 2, 3))
   return jnp.sum(kl * valid), jnp.sum(valid) * scores_teacher.shape[1]
+
+
+def attention_kl_qk(qk_teacher, qk_student, valid, kernel='xla'):
+  """attention_kl from the scores' factors: qk_* = (scaled queries, keys), each (B, H, T, D).
+
+  kernel 'native' computes it without forming the (B, H, T, T) scores (one CPU kernel call
+  forward and one backward, cider_jax.kernels.attention); 'xla' forms them and calls
+  attention_kl. The teacher side is a constant either way.
+  """
+  q_t, k_t = (jax.lax.stop_gradient(t) for t in qk_teacher)
+  q_s, k_s = qk_student
+  if kernel == 'native':
+    kl = jnp.sum(native_attention.attention_kl(q_t, k_t, q_s, k_s), axis=(1, 2))
+    return jnp.sum(kl * valid), jnp.sum(valid) * q_t.shape[1]
+  scores = lambda q, k: jnp.einsum('bhqd,bhkd->bhqk', q, k)
+  return attention_kl(scores(q_t, k_t), scores(q_s, k_s), valid)
 
 
 def smooth_l1(x):

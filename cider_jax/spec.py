@@ -7,9 +7,11 @@ import dataclasses
 import sys
 from typing import Tuple
 
+import jax
 import jax.numpy as jnp
 
 from cider_jax import configuration
+from cider_jax.kernels import attention as native_attention
 from cider_jax.models import bert
 from cider_jax.models.cider import CIDer
 
@@ -94,7 +96,36 @@ def build_model(config, spec: ModelSpec, bert_config: bert.BertConfig) -> CIDer:
       attn_dropout=drop(m.attn_dropout), relu_dropout=drop(m.relu_dropout),
       res_dropout=drop(m.res_dropout), embed_dropout=drop(m.embed_dropout),
       out_dropout=drop(m.out_dropout), positions=m.positions,
-      cross_dataset=bool(m.cross_dataset), dtype=dtype)
+      cross_dataset=bool(m.cross_dataset), dtype=dtype,
+      attention_kernel=attention_kernel(m.attention_kernel, m.embed_dim // m.num_heads))
+
+
+def attention_kernel(choice: str, head_size: int) -> str:
+  """model.attention_kernel resolved to 'native' or 'xla' for the default backend.
+
+  'native' needs the CPU backend, a head size the kernel supports and a build that works;
+  it is an error otherwise. 'auto' takes it when all three hold, else 'xla' (with a note on
+  stderr when only the build failed).
+  """
+  if choice == 'xla':
+    return 'xla'
+  if choice not in ('auto', 'native'):
+    raise ValueError(f"model.attention_kernel must be 'auto', 'native' or 'xla', got {choice!r}")
+  problems = []
+  if jax.default_backend() != 'cpu':
+    problems.append(f'the default backend is {jax.default_backend()!r}, not cpu')
+  if not native_attention.supports(head_size):
+    problems.append(f'head size {head_size} is not one of {native_attention.HEAD_SIZES}')
+  if not problems:
+    ok, reason = native_attention.available()
+    if ok:
+      return 'native'
+    problems.append(reason)
+    if choice == 'auto':
+      print(f'note: model.attention_kernel=auto uses xla: {reason}', file=sys.stderr)
+  if choice == 'native':
+    raise ValueError('model.attention_kernel=native is not usable: ' + '; '.join(problems))
+  return 'xla'
 
 
 def parameter_counts(config) -> dict:

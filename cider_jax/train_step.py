@@ -110,7 +110,7 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
 
   # ---------------------------------------------------------------- student: θ1 → θ2
   target = jax.lax.stop_gradient(
-      {k: out_t[k] for k in ('joint_rep', 'scores', 'text_hidden')})
+      {k: out_t[k] for k in ('joint_rep', 'attn_qk', 'text_hidden')})
   x_m = masked_inputs(inputs, text_keep, audio_keep, vision_keep)
   vmask = valid[:, None]
   dropped = {'text': (inputs['text_mask'] - text_keep) * vmask,
@@ -122,7 +122,8 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
     terms = {
         'loss_task_m': losses.nll(out['logp'], y, valid),
         'loss_rep': losses.representation(out['joint_rep'], target['joint_rep'], valid),
-        'loss_attn': losses.attention_kl(target['scores'], out['scores'], valid),
+        'loss_attn': losses.attention_kl_qk(target['attn_qk'], out['attn_qk'], valid,
+                                            model.attention_kernel),
         'loss_rec_text': losses.reconstruction(out['text_recon'], target['text_hidden'],
                                                dropped['text']),
         'loss_rec_audio': losses.reconstruction(out['audio_recon'], inputs['audio'],

@@ -7,7 +7,8 @@ counterfactual passes; they differ only in their inputs.
 `inputs` is a flat dict: text_ids, text_mask, text_segments (B, L); audio (B, La, Da),
 audio_mask (B, La); vision (B, Lv, Dv), vision_mask (B, Lv). Returned dict:
   logp (B, C) log-probabilities, joint_rep (B, 3E), scores (B, H, 3L, 3L) raw scaled scores of
-  the last MCT layer, text_hidden (B, L, Dl) encoder output; with reconstruct=True also
+  the last MCT layer, attn_qk their factors (scaled queries, keys), each (B, H, 3L, D),
+  text_hidden (B, L, Dl) encoder output; with reconstruct=True also
   text_recon (B, L, Dl), audio_recon (B, La, Da), vision_recon (B, Lv, Dv).
 """
 from typing import Any, Optional, Tuple
@@ -86,6 +87,7 @@ class CIDer(nn.Module):
   positions: str = 'time'
   cross_dataset: bool = False
   dtype: Any = jnp.float32                # the text encoder's matmul operands (matmul.Dense)
+  attention_kernel: str = 'xla'           # MCT block statistics: 'xla' or 'native' (CPU)
 
   @nn.compact
   def __call__(self, inputs, cls_feats, cls_probs, *, deterministic: bool = True,
@@ -120,9 +122,9 @@ class CIDer(nn.Module):
     stacked = [jnp.stack(w) for w in zip(*weights)]
     hs = gru_scan(jnp.stack([x_l, x_a, x_v]), *stacked)
     h = jnp.concatenate([hs[0], hs[1], hs[2]], axis=1)
-    h, scores = MCT(E, self.num_heads, self.layers, self.attn_dropout, self.relu_dropout,
+    h, attn = MCT(E, self.num_heads, self.layers, self.attn_dropout, self.relu_dropout,
                     self.res_dropout, self.embed_dropout, self.positions,
-                    name='mct')(h, deterministic)
+                    self.attention_kernel, name='mct')(h, deterministic)
     h_l, h_a, h_v = h[:, :L], h[:, L:2 * L], h[:, 2 * L:]
 
     pooled = jnp.concatenate([AttentionPool(name=f'pool_{m}')(x)
@@ -130,7 +132,8 @@ class CIDer(nn.Module):
     z = JointRep(self.out_dropout, name='joint')(pooled, deterministic)
     logp = MCM(self.num_classes, E, self.feature_dims, self.cross_dataset,
                name='mcm')(z, cls_feats, cls_probs)
-    out = {'logp': logp, 'joint_rep': z, 'scores': scores, 'text_hidden': h_text}
+    out = {'logp': logp, 'joint_rep': z, 'scores': attn['scores'], 'attn_qk': attn['qk'],
+           'text_hidden': h_text}
     if reconstruct or self.is_initializing():
       out['text_recon'] = nn.Dense(Dl, name='recon_text')(h_l)
       out['audio_recon'] = SequenceDecoder(La, Da, name='recon_audio')(h_a)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cider_jax.kernels import attention as native_attention
 from cider_jax.models.dropout import Dropout
 
 # rows: patterns in the order of the original's out_proj indices; columns: key blocks L, A, V
@@ -89,8 +90,18 @@ def _key_block_bwd(res, cotangents):
 _key_block.defvjp(_key_block_fwd, _key_block_bwd)
 
 
-def _block_stats(q, k, v, block_len):
-  """Lists over the key blocks L, A, V of m_j, z_j (B, H, T) and n_j (B, H, T, D)."""
+def _block_stats(q, k, v, block_len, kernel='xla'):
+  """Lists over the key blocks L, A, V of m_j, z_j (B, H, T) and n_j (B, H, T, D).
+
+  kernel 'xla': the jnp form above; 'native': the same statistics from one CPU kernel call
+  (cider_jax.kernels.block_softmax), forward and backward.
+  """
+  if kernel == 'native':
+    m, z, n = native_attention.block_stats(q, k, v, block_len)
+    m = jax.lax.stop_gradient(m)
+    return [m[j] for j in range(3)], [z[j] for j in range(3)], [n[j] for j in range(3)]
+  if kernel != 'xla':
+    raise ValueError(f"attention kernel must be 'xla' or 'native', got {kernel!r}")
   stats = []
   for j in range(3):
     keys = slice(j * block_len, (j + 1) * block_len)
@@ -117,16 +128,17 @@ def _pattern_output(pattern: int, m, z, n):
   return num / den[..., None]
 
 
-def composite_attention_heads(q, k, v, block_len, attn_weights_fn=None):
+def composite_attention_heads(q, k, v, block_len, attn_weights_fn=None, kernel='xla'):
   """Per-pattern attention outputs of the queries of each modality block.
 
   q, k, v (B, H, T, D), q already scaled; T = 3·block_len.
   attn_weights_fn: optional f(weights (B, H, T, T)) applied to the LAV weights (dropout).
+  kernel: how the block statistics are computed ('xla' or 'native', see _block_stats).
   Returns ({'l'|'a'|'v': (B, H, block_len, 4, D)}, the patterns of SUMMARY in order) and
   the raw scaled scores (B, H, T, T).
   """
   q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
-  m, z, n = _block_stats(q, k, v, block_len)
+  m, z, n = _block_stats(q, k, v, block_len, kernel)
   # only the last layer's scores are used (distillation); elsewhere XLA drops this
   scores = jnp.einsum('bhqd,bhkd->bhqk', q, k)
   lav = None
@@ -163,10 +175,13 @@ class CompositeAttention(nn.Module):
   embed_dim: int
   num_heads: int
   attn_dropout: float = 0.0
+  kernel: str = 'xla'
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    """x (B, T, E) → (out (B, T, E), raw scaled scores (B, H, T, T))."""
+    """x (B, T, E) → (out (B, T, E), {'scores': raw scaled scores (B, H, T, T),
+    'qk': (scaled queries, keys), each (B, H, T, D)}), the scores' factors (XLA drops
+    whichever the caller does not use)."""
     B, T, E = x.shape
     H = self.num_heads
     D = E // H
@@ -179,7 +194,8 @@ class CompositeAttention(nn.Module):
     drop = None
     if self.attn_dropout > 0 and not deterministic:
       drop = lambda w: Dropout(self.attn_dropout)(w, deterministic=False)
-    per_block, scores = composite_attention_heads(heads(q), heads(k), heads(v), L, drop)
+    q, k = heads(q), heads(k)
+    per_block, scores = composite_attention_heads(q, k, heads(v), L, drop, self.kernel)
     out_kernel = self.param('out_kernel', lambda k, s: jax.vmap(lambda kk: xavier(kk, s[1:]))(
         jax.random.split(k, s[0])), (7, E, E))
     out_bias = self.param('out_bias', nn.initializers.zeros, (7, E))
@@ -196,7 +212,7 @@ class CompositeAttention(nn.Module):
       b = (jnp.einsum('pf,pfg->g', out_bias[idx], s_kernel) + s_bias) @ final_kernel + final_bias
       h = jnp.einsum('bhtpd,phdg->btg', per_block[name], w.reshape(4, H, D, E))
       projected.append(h + b)
-    return jnp.concatenate(projected, axis=1), scores
+    return jnp.concatenate(projected, axis=1), {'scores': scores, 'qk': (q, k)}
 
 
 class MCTLayer(nn.Module):
@@ -205,21 +221,22 @@ class MCTLayer(nn.Module):
   attn_dropout: float = 0.0
   relu_dropout: float = 0.0
   res_dropout: float = 0.0
+  kernel: str = 'xla'
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     E = self.embed_dim
     xavier = nn.initializers.xavier_uniform()
     h = nn.LayerNorm(epsilon=1e-5, name='ln_attn')(x)
-    h, scores = CompositeAttention(E, self.num_heads, self.attn_dropout,
-                                   name='attention')(h, deterministic)
+    h, attn = CompositeAttention(E, self.num_heads, self.attn_dropout, self.kernel,
+                                 name='attention')(h, deterministic)
     x = x + Dropout(self.res_dropout)(h, deterministic=deterministic)
     h = nn.LayerNorm(epsilon=1e-5, name='ln_ffn')(x)
     h = jax.nn.relu(nn.Dense(4 * E, kernel_init=xavier, name='fc1')(h))
     h = Dropout(self.relu_dropout)(h, deterministic=deterministic)
     h = nn.Dense(E, kernel_init=xavier, name='fc2')(h)
     x = x + Dropout(self.res_dropout)(h, deterministic=deterministic)
-    return x, scores
+    return x, attn
 
 
 class MCT(nn.Module):
@@ -232,14 +249,15 @@ class MCT(nn.Module):
   res_dropout: float = 0.0
   embed_dropout: float = 0.0
   positions: str = 'time'
+  kernel: str = 'xla'             # block statistics of the composite attention (_block_stats)
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
-    """x (B, 3L, E) → (y (B, 3L, E), last layer's raw scores (B, H, 3L, 3L))."""
+    """x (B, 3L, E) → (y (B, 3L, E), the last layer's attention dict (CompositeAttention))."""
     x = add_positions(x, self.positions)
     x = Dropout(self.embed_dropout)(x, deterministic=deterministic)
-    scores = None
+    attn = None
     for i in range(self.layers):
-      x, scores = MCTLayer(self.embed_dim, self.num_heads, self.attn_dropout, self.relu_dropout,
-                           self.res_dropout, name=f'layer_{i}')(x, deterministic)
-    return nn.LayerNorm(epsilon=1e-5, name='ln_final')(x), scores
+      x, attn = MCTLayer(self.embed_dim, self.num_heads, self.attn_dropout, self.relu_dropout,
+                           self.res_dropout, self.kernel, name=f'layer_{i}')(x, deterministic)
+    return nn.LayerNorm(epsilon=1e-5, name='ln_final')(x), attn

@@ -1,0 +1,534 @@
+// Native CPU kernels of the MCT's composite attention and of the attention distillation.
+//
+// 1. Block softmax: softmax statistics of every query over each key block, and their gradient.
+//
+// Per item i (batch × head) with queries q (T, D), keys k and values v (S, D), S = blocks·Lb:
+// for key block j and query t, s_tk = q_t·k_k over the block's keys and
+//   m[j, i, t]    = max_k s_tk
+//   z[j, i, t]    = Σ_k exp(s_tk − m)
+//   n[j, i, t, :] = Σ_k exp(s_tk − m) v_k
+// The backward pass takes dz, dn (m is a shift only, its cotangent is ignored) and writes
+//   ds_tk = exp(s_tk − m) (dn_t·v_k + dz_t),  dq_t = Σ_k ds_tk k_k,
+//   dk_k = Σ_t ds_tk q_t,  dv_k = Σ_t exp(s_tk − m) dn_t,
+// recomputing the scores instead of storing them.
+//
+// 2. Attention KL: per query t of item i, with teacher scores a = q_t·k and student scores
+//   b = p_t·r (over all S keys), kl[i, t] = Σ_k softmax(a)_k (log softmax(a)_k − log softmax(b)_k),
+//   also returning the two log-sum-exps. Its backward pass, given dkl, differentiates the
+//   student side only (the teacher is a constant): db_tk = dkl_t (softmax(b)_k − softmax(a)_k),
+//   dp_t = Σ_k db_tk r_k, dr_k = Σ_t db_tk p_t.
+//
+// Queries run W at a time in vector lanes
+// (GCC vector extensions: AVX-512 where -march=native has it, narrower vectors elsewhere);
+// the items are shared among XLA's intra-op threads.
+#include <algorithm>
+#include <cmath>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int W = 16;
+typedef float vf __attribute__((vector_size(W * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
+
+inline vf splat(float x) { return vf{} + x; }
+
+inline vf load(const float* p) {
+  vf r;
+  std::memcpy(&r, p, sizeof(vf));
+  return r;
+}
+
+inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof(vf)); }
+
+// exp(x) for x <= 0 (scores minus their row max): Cephes' single-precision polynomial on
+// x − n·ln2, |x − n·ln2| <= ln2/2, scaled by 2^n; about 1 ulp. Below the smallest normal
+// result (x < −87.33) it returns 0; NaN stays NaN.
+inline vf exp_nonpositive(vf x) {
+  const vf magic = splat(12582912.0f);  // 1.5·2^23: adding and subtracting rounds to integer
+  vf t = x * 1.44269504088896341f;
+  vf nf = (t + magic) - magic;
+  vf r = x - nf * 0.693359375f;
+  r = r - nf * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  vf y = p * r * r + r + 1.0f;
+  vi n = __builtin_convertvector(nf, vi);
+  vi bits = (n + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(vf));
+  y = y * scale;
+  return x < -87.33654475f ? splat(0.0f) : y;
+}
+
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+
+// Queries of one item, transposed to (D, Tp) with Tp a multiple of W (padding lanes are 0).
+void transpose_queries(const float* q, int T, int D, int Tp, float* qt) {
+  std::fill(qt, qt + static_cast<size_t>(D) * Tp, 0.0f);
+  for (int t = 0; t < T; ++t)
+    for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * Tp + t] = q[t * D + d];
+}
+
+template <int D>
+void forward_item(const float* q, const float* k, const float* v, int T, int S, int Lb,
+                  int item, int items, float* m, float* z, float* n, std::vector<float>& buf) {
+  const int Tp = (T + W - 1) / W * W;
+  buf.resize(static_cast<size_t>(D) * Tp);
+  float* qt = buf.data();
+  transpose_queries(q, T, D, Tp, qt);
+  const int blocks = S / Lb;
+  for (int j = 0; j < blocks; ++j) {
+    const float* kb = k + static_cast<size_t>(j) * Lb * D;
+    const float* vb = v + static_cast<size_t>(j) * Lb * D;
+    const size_t row = (static_cast<size_t>(j) * items + item) * T;
+    for (int t0 = 0; t0 < Tp; t0 += W) {
+      vf qd[D];
+      for (int d = 0; d < D; ++d) qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
+      vf mx = splat(-__builtin_inff());
+      for (int key = 0; key < Lb; ++key) {
+        vf s = qd[0] * kb[key * D];
+        for (int d = 1; d < D; ++d) s = s + qd[d] * kb[key * D + d];
+        mx = vmax(mx, s);
+      }
+      vf zs = splat(0.0f);
+      vf ns[D];
+      for (int d = 0; d < D; ++d) ns[d] = splat(0.0f);
+      for (int key = 0; key < Lb; ++key) {
+        vf s = qd[0] * kb[key * D];
+        for (int d = 1; d < D; ++d) s = s + qd[d] * kb[key * D + d];
+        vf e = exp_nonpositive(s - mx);
+        zs = zs + e;
+        for (int d = 0; d < D; ++d) ns[d] = ns[d] + e * vb[key * D + d];
+      }
+      const int lanes = std::min(W, T - t0);
+      for (int l = 0; l < lanes; ++l) {
+        m[row + t0 + l] = mx[l];
+        z[row + t0 + l] = zs[l];
+        for (int d = 0; d < D; ++d) n[(row + t0 + l) * D + d] = ns[d][l];
+      }
+    }
+  }
+}
+
+template <int D>
+void backward_item(const float* q, const float* k, const float* v, const float* m,
+                   const float* dz, const float* dn, int T, int S, int Lb, int item, int items,
+                   float* dq, float* dk, float* dv, std::vector<float>& buf) {
+  const int Tp = (T + W - 1) / W * W;
+  // qt (D, Tp), dnt (D, Tp), mt, dzt (Tp), dqt (D, Tp), dk and dv lane accumulators (Lb, D, W)
+  buf.assign(static_cast<size_t>(3 * D + 2) * Tp + static_cast<size_t>(2) * Lb * D * W, 0.0f);
+  float* qt = buf.data();
+  float* dnt = qt + static_cast<size_t>(D) * Tp;
+  float* mt = dnt + static_cast<size_t>(D) * Tp;
+  float* dzt = mt + Tp;
+  float* dqt = dzt + Tp;
+  float* dka = dqt + static_cast<size_t>(D) * Tp;
+  float* dva = dka + static_cast<size_t>(Lb) * D * W;
+  transpose_queries(q, T, D, Tp, qt);
+  const int blocks = S / Lb;
+  for (int j = 0; j < blocks; ++j) {
+    const float* kb = k + static_cast<size_t>(j) * Lb * D;
+    const float* vb = v + static_cast<size_t>(j) * Lb * D;
+    const size_t row = (static_cast<size_t>(j) * items + item) * T;
+    // padding lanes: q = dn = dz = 0 and m = 0, so their ds and e·dn vanish
+    std::fill(mt, mt + Tp, 0.0f);
+    std::fill(dzt, dzt + Tp, 0.0f);
+    std::copy(m + row, m + row + T, mt);
+    std::copy(dz + row, dz + row + T, dzt);
+    transpose_queries(dn + row * D, T, D, Tp, dnt);
+    std::fill(dka, dka + static_cast<size_t>(2) * Lb * D * W, 0.0f);
+    for (int t0 = 0; t0 < Tp; t0 += W) {
+      vf qd[D], gd[D], dqd[D];
+      for (int d = 0; d < D; ++d) {
+        qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
+        gd[d] = load(dnt + static_cast<size_t>(d) * Tp + t0);
+        dqd[d] = splat(0.0f);
+      }
+      const vf mx = load(mt + t0);
+      const vf dzv = load(dzt + t0);
+      for (int key = 0; key < Lb; ++key) {
+        const float* kk = kb + key * D;
+        const float* vk = vb + key * D;
+        vf s = qd[0] * kk[0];
+        vf g = gd[0] * vk[0];
+        for (int d = 1; d < D; ++d) {
+          s = s + qd[d] * kk[d];
+          g = g + gd[d] * vk[d];
+        }
+        const vf e = exp_nonpositive(s - mx);
+        const vf ds = e * (g + dzv);
+        float* dkk = dka + static_cast<size_t>(key) * D * W;
+        float* dvk = dva + static_cast<size_t>(key) * D * W;
+        for (int d = 0; d < D; ++d) {
+          dqd[d] = dqd[d] + ds * kk[d];
+          store(dkk + d * W, load(dkk + d * W) + ds * qd[d]);
+          store(dvk + d * W, load(dvk + d * W) + e * gd[d]);
+        }
+      }
+      for (int d = 0; d < D; ++d) {
+        float* out = dqt + static_cast<size_t>(d) * Tp + t0;
+        store(out, load(out) + dqd[d]);
+      }
+    }
+    float* dkb = dk + static_cast<size_t>(j) * Lb * D;
+    float* dvb = dv + static_cast<size_t>(j) * Lb * D;
+    for (int key = 0; key < Lb; ++key)
+      for (int d = 0; d < D; ++d) {
+        const float* a = dka + (static_cast<size_t>(key) * D + d) * W;
+        const float* b = dva + (static_cast<size_t>(key) * D + d) * W;
+        float sa = 0.0f, sb = 0.0f;
+        for (int l = 0; l < W; ++l) {
+          sa += a[l];
+          sb += b[l];
+        }
+        dkb[key * D + d] = sa;
+        dvb[key * D + d] = sb;
+      }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int d = 0; d < D; ++d) dq[t * D + d] = dqt[static_cast<size_t>(d) * Tp + t];
+}
+
+template <int D>
+inline vf dot_lanes(const vf* qd, const float* key) {
+  vf s = qd[0] * key[0];
+  for (int d = 1; d < D; ++d) s = s + qd[d] * key[d];
+  return s;
+}
+
+template <int D>
+void kl_forward_item(const float* qa, const float* ka, const float* qb, const float* kb, int T,
+                     int S, float* kl, float* lse_a, float* lse_b, std::vector<float>& buf) {
+  const int Tp = (T + W - 1) / W * W;
+  buf.resize(static_cast<size_t>(2 * D) * Tp);
+  float* qat = buf.data();
+  float* qbt = qat + static_cast<size_t>(D) * Tp;
+  transpose_queries(qa, T, D, Tp, qat);
+  transpose_queries(qb, T, D, Tp, qbt);
+  for (int t0 = 0; t0 < Tp; t0 += W) {
+    vf ad[D], bd[D];
+    for (int d = 0; d < D; ++d) {
+      ad[d] = load(qat + static_cast<size_t>(d) * Tp + t0);
+      bd[d] = load(qbt + static_cast<size_t>(d) * Tp + t0);
+    }
+    vf ma = splat(-__builtin_inff()), mb = ma;
+    for (int key = 0; key < S; ++key) {
+      ma = vmax(ma, dot_lanes<D>(ad, ka + key * D));
+      mb = vmax(mb, dot_lanes<D>(bd, kb + key * D));
+    }
+    vf za = splat(0.0f), zb = za, cross = za;
+    for (int key = 0; key < S; ++key) {
+      const vf a = dot_lanes<D>(ad, ka + key * D), b = dot_lanes<D>(bd, kb + key * D);
+      const vf ea = exp_nonpositive(a - ma);
+      za = za + ea;
+      zb = zb + exp_nonpositive(b - mb);
+      cross = cross + ea * (a - b);
+    }
+    const int lanes = std::min(W, T - t0);
+    for (int l = 0; l < lanes; ++l) {
+      const float la = ma[l] + std::log(za[l]), lb = mb[l] + std::log(zb[l]);
+      // Σ p_a (a − la − b + lb) = Σ p_a (a − b) − la + lb
+      kl[t0 + l] = cross[l] / za[l] - la + lb;
+      lse_a[t0 + l] = la;
+      lse_b[t0 + l] = lb;
+    }
+  }
+}
+
+template <int D>
+void kl_backward_item(const float* qa, const float* ka, const float* qb, const float* kb,
+                      const float* lse_a, const float* lse_b, const float* dkl, int T, int S,
+                      float* dqb, float* dkb, std::vector<float>& buf) {
+  const int Tp = (T + W - 1) / W * W;
+  // qat, qbt, dqt (D, Tp); la, lb, g (Tp); dk lane accumulators (S, D, W)
+  buf.assign(static_cast<size_t>(3 * D + 3) * Tp + static_cast<size_t>(S) * D * W, 0.0f);
+  float* qat = buf.data();
+  float* qbt = qat + static_cast<size_t>(D) * Tp;
+  float* dqt = qbt + static_cast<size_t>(D) * Tp;
+  float* la = dqt + static_cast<size_t>(D) * Tp;
+  float* lb = la + Tp;
+  float* g = lb + Tp;
+  float* dka = g + Tp;
+  transpose_queries(qa, T, D, Tp, qat);
+  transpose_queries(qb, T, D, Tp, qbt);
+  // padding lanes: q = 0, lse = 0 and dkl = 0, so their gradient vanishes
+  std::copy(lse_a, lse_a + T, la);
+  std::copy(lse_b, lse_b + T, lb);
+  std::copy(dkl, dkl + T, g);
+  for (int t0 = 0; t0 < Tp; t0 += W) {
+    vf ad[D], bd[D], dqd[D];
+    for (int d = 0; d < D; ++d) {
+      ad[d] = load(qat + static_cast<size_t>(d) * Tp + t0);
+      bd[d] = load(qbt + static_cast<size_t>(d) * Tp + t0);
+      dqd[d] = splat(0.0f);
+    }
+    const vf lav = load(la + t0), lbv = load(lb + t0), gv = load(g + t0);
+    for (int key = 0; key < S; ++key) {
+      const float* kk = kb + key * D;
+      const vf pa = exp_nonpositive(dot_lanes<D>(ad, ka + key * D) - lav);
+      const vf pb = exp_nonpositive(dot_lanes<D>(bd, kk) - lbv);
+      const vf ds = gv * (pb - pa);
+      float* acc = dka + static_cast<size_t>(key) * D * W;
+      for (int d = 0; d < D; ++d) {
+        dqd[d] = dqd[d] + ds * kk[d];
+        store(acc + d * W, load(acc + d * W) + ds * bd[d]);
+      }
+    }
+    for (int d = 0; d < D; ++d) store(dqt + static_cast<size_t>(d) * Tp + t0, dqd[d]);
+  }
+  for (int key = 0; key < S; ++key)
+    for (int d = 0; d < D; ++d) {
+      const float* a = dka + (static_cast<size_t>(key) * D + d) * W;
+      float sum = 0.0f;
+      for (int l = 0; l < W; ++l) sum += a[l];
+      dkb[key * D + d] = sum;
+    }
+  for (int t = 0; t < T; ++t)
+    for (int d = 0; d < D; ++d) dqb[t * D + d] = dqt[static_cast<size_t>(d) * Tp + t];
+}
+
+// Runs body(begin, end) over [0, items) in contiguous chunks. Chunks are claimed from an
+// atomic counter by the caller and by tasks scheduled on XLA's intra-op pool, so the caller
+// does all the work itself when the pool is busy elsewhere; it returns once every claimed
+// chunk is done. Tasks that start after that find no chunk left and touch nothing else.
+struct Work {
+  std::atomic<int> next{0};
+  int chunks = 0, items = 0, finished = 0;
+  std::mutex mu;
+  std::condition_variable all_done;
+  const std::function<void(int, int)>* body = nullptr;
+
+  // claims and runs chunks until none is left; returns how many it ran
+  int drain() {
+    int ran = 0;
+    for (int c; (c = next.fetch_add(1)) < chunks; ++ran)
+      (*body)(static_cast<int>(static_cast<int64_t>(items) * c / chunks),
+              static_cast<int>(static_cast<int64_t>(items) * (c + 1) / chunks));
+    return ran;
+  }
+  void add_finished(int ran) {
+    if (ran == 0) return;
+    std::lock_guard<std::mutex> lock(mu);
+    finished += ran;
+    if (finished == chunks) all_done.notify_all();
+  }
+};
+
+void parallel_for(ffi::ThreadPool& pool, int items, const std::function<void(int, int)>& body) {
+  const int64_t threads = pool.num_threads();
+  const int chunks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(items, 4 * (threads + 1))));
+  if (threads <= 0 || chunks == 1) {
+    body(0, items);
+    return;
+  }
+  auto work = std::make_shared<Work>();
+  work->chunks = chunks;
+  work->items = items;
+  work->body = &body;
+  for (int64_t t = 0; t < std::min<int64_t>(threads, chunks - 1); ++t)
+    pool.Schedule([work] { work->add_finished(work->drain()); });
+  work->add_finished(work->drain());
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->all_done.wait(lock, [&] { return work->finished == work->chunks; });
+}
+
+struct Shapes {
+  int items, T, S, D, Lb;
+};
+
+ffi::Error check_shapes(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimensions kd,
+                        ffi::AnyBuffer::Dimensions vd, int64_t block_len, Shapes* out) {
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3)
+    return ffi::Error::InvalidArgument("cider attention kernel: q, k, v must be (items, length, D)");
+  if (kd[0] != qd[0] || vd[0] != qd[0] || kd[1] != vd[1] || kd[2] != qd[2] || vd[2] != qd[2])
+    return ffi::Error::InvalidArgument("cider attention kernel: q, k, v disagree in items or D");
+  if (block_len <= 0 || kd[1] % block_len != 0)
+    return ffi::Error::InvalidArgument("cider attention kernel: key length not a multiple of block_len");
+  *out = Shapes{static_cast<int>(qd[0]), static_cast<int>(qd[1]), static_cast<int>(kd[1]),
+                static_cast<int>(qd[2]), static_cast<int>(block_len)};
+  return ffi::Error::Success();
+}
+
+template <typename F>
+ffi::Error dispatch_d(int D, F&& f) {
+  switch (D) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    case 32: f(std::integral_constant<int, 32>{}); break;
+    default: return ffi::Error::InvalidArgument("cider attention kernel: head size must be 1, 2, 4, 8, 16 or 32");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, int64_t block_len, ffi::ResultBuffer<ffi::F32> m,
+                   ffi::ResultBuffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> n) {
+  Shapes sh;
+  if (auto err = check_shapes(q.dimensions(), k.dimensions(), v.dimensions(), block_len, &sh);
+      err.failure())
+    return err;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  float *mp = m->typed_data(), *zp = z->typed_data(), *np_ = n->typed_data();
+  return dispatch_d(sh.D, [&](auto dc) {
+    constexpr int D = decltype(dc)::value;
+    parallel_for(pool, sh.items, [&](int begin, int end) {
+      std::vector<float> buf;
+      for (int i = begin; i < end; ++i)
+        forward_item<D>(qp + static_cast<size_t>(i) * sh.T * D,
+                        kp + static_cast<size_t>(i) * sh.S * D,
+                        vp + static_cast<size_t>(i) * sh.S * D, sh.T, sh.S, sh.Lb, i, sh.items,
+                        mp, zp, np_, buf);
+    });
+  });
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> m, ffi::Buffer<ffi::F32> dz,
+                    ffi::Buffer<ffi::F32> dn, int64_t block_len, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  Shapes sh;
+  if (auto err = check_shapes(q.dimensions(), k.dimensions(), v.dimensions(), block_len, &sh);
+      err.failure())
+    return err;
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const float *mp = m.typed_data(), *dzp = dz.typed_data(), *dnp = dn.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  return dispatch_d(sh.D, [&](auto dc) {
+    constexpr int D = decltype(dc)::value;
+    parallel_for(pool, sh.items, [&](int begin, int end) {
+      std::vector<float> buf;
+      for (int i = begin; i < end; ++i) {
+        const size_t qo = static_cast<size_t>(i) * sh.T * D, ko = static_cast<size_t>(i) * sh.S * D;
+        backward_item<D>(qp + qo, kp + ko, vp + ko, mp, dzp, dnp, sh.T, sh.S, sh.Lb, i,
+                         sh.items, dqp + qo, dkp + ko, dvp + ko, buf);
+      }
+    });
+  });
+}
+
+ffi::Error KlForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qa, ffi::Buffer<ffi::F32> ka,
+                     ffi::Buffer<ffi::F32> qb, ffi::Buffer<ffi::F32> kb,
+                     ffi::ResultBuffer<ffi::F32> kl, ffi::ResultBuffer<ffi::F32> lse_a,
+                     ffi::ResultBuffer<ffi::F32> lse_b) {
+  Shapes sh;
+  if (auto err = check_shapes(qa.dimensions(), ka.dimensions(), kb.dimensions(),
+                                 ka.dimensions().size() == 3 ? ka.dimensions()[1] : 1, &sh);
+      err.failure())
+    return err;
+  if (qb.dimensions().size() != 3 || qb.dimensions()[0] != sh.items || qb.dimensions()[1] != sh.T ||
+      qb.dimensions()[2] != sh.D)
+    return ffi::Error::InvalidArgument("cider attention kernel: teacher and student queries differ in shape");
+  const float *qap = qa.typed_data(), *kap = ka.typed_data(), *qbp = qb.typed_data(),
+              *kbp = kb.typed_data();
+  float *klp = kl->typed_data(), *lap = lse_a->typed_data(), *lbp = lse_b->typed_data();
+  return dispatch_d(sh.D, [&](auto dc) {
+    constexpr int D = decltype(dc)::value;
+    parallel_for(pool, sh.items, [&](int begin, int end) {
+      std::vector<float> buf;
+      for (int i = begin; i < end; ++i) {
+        const size_t qo = static_cast<size_t>(i) * sh.T * D, ko = static_cast<size_t>(i) * sh.S * D;
+        const size_t ro = static_cast<size_t>(i) * sh.T;
+        kl_forward_item<D>(qap + qo, kap + ko, qbp + qo, kbp + ko, sh.T, sh.S, klp + ro, lap + ro,
+                           lbp + ro, buf);
+      }
+    });
+  });
+}
+
+ffi::Error KlBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qa, ffi::Buffer<ffi::F32> ka,
+                      ffi::Buffer<ffi::F32> qb, ffi::Buffer<ffi::F32> kb,
+                      ffi::Buffer<ffi::F32> lse_a, ffi::Buffer<ffi::F32> lse_b,
+                      ffi::Buffer<ffi::F32> dkl, ffi::ResultBuffer<ffi::F32> dqb,
+                      ffi::ResultBuffer<ffi::F32> dkb) {
+  Shapes sh;
+  if (auto err = check_shapes(qa.dimensions(), ka.dimensions(), kb.dimensions(),
+                                 ka.dimensions().size() == 3 ? ka.dimensions()[1] : 1, &sh);
+      err.failure())
+    return err;
+  const float *qap = qa.typed_data(), *kap = ka.typed_data(), *qbp = qb.typed_data(),
+              *kbp = kb.typed_data(), *lap = lse_a.typed_data(), *lbp = lse_b.typed_data(),
+              *gp = dkl.typed_data();
+  float *dqp = dqb->typed_data(), *dkp = dkb->typed_data();
+  return dispatch_d(sh.D, [&](auto dc) {
+    constexpr int D = decltype(dc)::value;
+    parallel_for(pool, sh.items, [&](int begin, int end) {
+      std::vector<float> buf;
+      for (int i = begin; i < end; ++i) {
+        const size_t qo = static_cast<size_t>(i) * sh.T * D, ko = static_cast<size_t>(i) * sh.S * D;
+        const size_t ro = static_cast<size_t>(i) * sh.T;
+        kl_backward_item<D>(qap + qo, kap + ko, qbp + qo, kbp + ko, lap + ro, lbp + ro, gp + ro,
+                            sh.T, sh.S, dqp + qo, dkp + ko, buf);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderBlockSoftmaxForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block_len")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderBlockSoftmaxBackward, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block_len")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderAttentionKlForward, KlForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderAttentionKlBackward, KlBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

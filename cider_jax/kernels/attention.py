@@ -1,0 +1,184 @@
+"""Native CPU kernels (attention.cc) for the MCT's composite attention and its distillation.
+
+- `block_stats(q, k, v, block_len)`: for every query and every key block j, the row max m_j,
+  the sum of exponentials z_j and the weighted values n_j (mct._key_block is the XLA form of
+  the same function).
+- `attention_kl(q_t, k_t, q_s, k_s)`: per query row, KL(softmax(q_t k_tᵀ) ‖ softmax(q_s k_sᵀ)),
+  differentiated on the student side only (losses.attention_kl is the XLA form, given the
+  scores).
+
+Forward and backward are one pass each over the scores, which are recomputed, never stored.
+
+The kernel is compiled on first use with the system C++ compiler against the XLA FFI headers
+that jaxlib ships, for this CPU (-march=native), and cached under
+$CIDER_JAX_KERNEL_CACHE (default ~/.cache/cider_jax/kernels), keyed by the source, jaxlib's
+version, the compiler and the CPU's model and flags. `available()` says whether it could be
+built and why not; model.attention_kernel='auto' then falls back to the XLA form.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'attention.cc')
+HEAD_SIZES = (1, 2, 4, 8, 16, 32)
+_TARGETS = {'cider_block_softmax_forward': 'CiderBlockSoftmaxForward',
+            'cider_block_softmax_backward': 'CiderBlockSoftmaxBackward',
+            'cider_attention_kl_forward': 'CiderAttentionKlForward',
+            'cider_attention_kl_backward': 'CiderAttentionKlBackward'}
+
+
+def _cpu_signature() -> str:
+  """CPU model and feature flags: a library built with -march=native runs only on a match."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      lines = [l for l in f if l.startswith(('model name', 'flags', 'Features', 'CPU part'))]
+    return ''.join(sorted(set(lines)))
+  except OSError:
+    return platform.processor() + platform.machine()
+
+
+def _compiler():
+  return os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
+
+
+def _build(path: str, compiler: str) -> None:
+  """Compiles SOURCE into the shared library `path` (atomically: other processes may race)."""
+  directory = os.path.dirname(path)
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
+  os.close(fd)
+  cmd = [compiler, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC',
+         '-isystem', jax.ffi.include_dir(), SOURCE, '-o', tmp]
+  try:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if result.returncode != 0:
+      raise RuntimeError(f'{" ".join(cmd)} failed:\n{result.stderr[-2000:]}')
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+  """(True, '') once the targets are registered with XLA, else (False, reason)."""
+  if platform.system() != 'Linux' and platform.system() != 'Darwin':
+    return False, f'native kernels are built on Linux and macOS only, not {platform.system()}'
+  compiler = _compiler()
+  if compiler is None:
+    return False, 'no C++ compiler found (install g++ or set CXX)'
+  import jaxlib
+  with open(SOURCE, 'rb') as f:
+    key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + compiler.encode()
+                         + _cpu_signature().encode()).hexdigest()[:20]
+  cache = os.environ.get('CIDER_JAX_KERNEL_CACHE') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'cider_jax', 'kernels')
+  path = os.path.join(cache, f'attention-{key}.so')
+  try:
+    if not os.path.exists(path):
+      _build(path, compiler)
+    lib = ctypes.cdll.LoadLibrary(path)
+  except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    return False, f'could not build the native attention kernels: {e}'
+  for target, symbol in _TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
+  return True, ''
+
+
+def available() -> tuple:
+  """(usable, reason): whether the kernels are built and registered for the CPU backend."""
+  return _load()
+
+
+def supports(head_size: int) -> bool:
+  return head_size in HEAD_SIZES
+
+
+def _f32(shape):
+  return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _flat(t):
+  return t.reshape((-1,) + t.shape[-2:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def block_stats(q, k, v, block_len: int):
+  """q (..., T, D) scaled queries, k, v (..., S, D), S = blocks·block_len, float32.
+
+  Returns m, z (blocks, ..., T) and n (blocks, ..., T, D). m is a shift only: its cotangent
+  is ignored (callers stop its gradient; every use is a ratio of n and z).
+  """
+  return _forward(q, k, v, block_len)
+
+
+def _forward(q, k, v, block_len):
+  lead, (T, D) = q.shape[:-2], q.shape[-2:]
+  blocks = k.shape[-2] // block_len
+  items = int(np.prod(lead, dtype=np.int64))
+  m, z, n = jax.ffi.ffi_call(
+      'cider_block_softmax_forward',
+      (_f32((blocks, items, T)), _f32((blocks, items, T)), _f32((blocks, items, T, D))))(
+          _flat(q), _flat(k), _flat(v), block_len=np.int64(block_len))
+  return (m.reshape((blocks,) + lead + (T,)), z.reshape((blocks,) + lead + (T,)),
+          n.reshape((blocks,) + lead + (T, D)))
+
+
+def _block_stats_fwd(q, k, v, block_len):
+  m, z, n = _forward(q, k, v, block_len)
+  return (m, z, n), (q, k, v, m)
+
+
+def _block_stats_bwd(block_len, res, cotangents):
+  q, k, v, m = res
+  _, dz, dn = cotangents
+  blocks, T, D = m.shape[0], q.shape[-2], q.shape[-1]
+  dq, dk, dv = jax.ffi.ffi_call(
+      'cider_block_softmax_backward',
+      (_f32(_flat(q).shape), _f32(_flat(k).shape), _f32(_flat(v).shape)))(
+          _flat(q), _flat(k), _flat(v), m.reshape(blocks, -1, T), dz.reshape(blocks, -1, T),
+          dn.reshape(blocks, -1, T, D), block_len=np.int64(block_len))
+  return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+
+
+block_stats.defvjp(_block_stats_fwd, _block_stats_bwd)
+
+
+@jax.custom_vjp
+def attention_kl(q_t, k_t, q_s, k_s):
+  """q_* (..., T, D), k_* (..., S, D): teacher (t) and student (s) queries (scaled) and keys.
+
+  Returns (..., T): Σ_k p_t log(p_t / p_s) per query, p = softmax over the S keys of q·kᵀ.
+  The teacher side is a constant: its cotangents are zero (the distillation target).
+  """
+  return _kl_forward(q_t, k_t, q_s, k_s)[0]
+
+
+def _kl_forward(q_t, k_t, q_s, k_s):
+  lead, T = q_t.shape[:-2], q_t.shape[-2]
+  items = int(np.prod(lead, dtype=np.int64))
+  kl, lse_t, lse_s = jax.ffi.ffi_call(
+      'cider_attention_kl_forward', (_f32((items, T)),) * 3)(
+          _flat(q_t), _flat(k_t), _flat(q_s), _flat(k_s))
+  return kl.reshape(lead + (T,)), (q_t, k_t, q_s, k_s, lse_t, lse_s)
+
+
+def _attention_kl_bwd(res, dkl):
+  q_t, k_t, q_s, k_s, lse_t, lse_s = res
+  dq, dk = jax.ffi.ffi_call(
+      'cider_attention_kl_backward', (_f32(_flat(q_s).shape), _f32(_flat(k_s).shape)))(
+          _flat(q_t), _flat(k_t), _flat(q_s), _flat(k_s), lse_t, lse_s,
+          dkl.reshape(lse_t.shape))
+  return (jnp.zeros_like(q_t), jnp.zeros_like(k_t), dq.reshape(q_s.shape), dk.reshape(k_s.shape))
+
+
+attention_kl.defvjp(_kl_forward, _attention_kl_bwd)
