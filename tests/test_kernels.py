@@ -1,0 +1,273 @@
+"""cider_jax.kernels.attention: the native CPU kernels against float64 math and the XLA form.
+
+References are written from the definitions in float64 numpy (scores s = q·kᵀ, softmax
+statistics, their gradients derived by hand), independently of both implementations.
+Tolerances: float32 sums of at most 150 terms of O(1) values, so ~1e-6 relative; 2e-5 leaves
+room for the order of summation and the ~1-ulp exponential, and fails on any wrong term.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cider_jax import configuration, losses, spec
+from cider_jax.kernels import attention as native
+from cider_jax.models import mct
+from configs import default
+from tests.helpers import tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RTOL, ATOL = 2e-5, 2e-6
+
+
+def test_kernels_build_here():
+  ok, reason = native.available()
+  assert ok, f'the native kernels need a C++17 compiler: {reason}'
+
+
+def _block_reference(q, k, v, block_len):
+  """float64: m, z (blocks, ..., T), n (blocks, ..., T, D)."""
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  ms, zs, ns = [], [], []
+  for j in range(k.shape[-2] // block_len):
+    keys = slice(j * block_len, (j + 1) * block_len)
+    s = np.einsum('...qd,...kd->...qk', q, k[..., keys, :])
+    m = s.max(-1)
+    e = np.exp(s - m[..., None])
+    ms.append(m)
+    zs.append(e.sum(-1))
+    ns.append(np.einsum('...qk,...kd->...qd', e, v[..., keys, :]))
+  return np.stack(ms), np.stack(zs), np.stack(ns)
+
+
+def _block_grad_reference(q, k, v, block_len, dz, dn):
+  """float64 dq, dk, dv of Σ dz·z + Σ dn·n (m held constant)."""
+  q, k, v, dz, dn = (np.asarray(t, np.float64) for t in (q, k, v, dz, dn))
+  dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+  for j in range(k.shape[-2] // block_len):
+    keys = slice(j * block_len, (j + 1) * block_len)
+    s = np.einsum('...qd,...kd->...qk', q, k[..., keys, :])
+    e = np.exp(s - s.max(-1, keepdims=True))
+    ds = e * (np.einsum('...qd,...kd->...qk', dn[j], v[..., keys, :]) + dz[j][..., None])
+    dq += np.einsum('...qk,...kd->...qd', ds, k[..., keys, :])
+    dk[..., keys, :] = np.einsum('...qk,...qd->...kd', ds, q)
+    dv[..., keys, :] = np.einsum('...qk,...qd->...kd', e, dn[j])
+  return dq, dk, dv
+
+
+def _close(actual, expected, what):
+  expected = np.asarray(expected)
+  scale = max(np.abs(expected).max(), 1e-30)
+  np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=RTOL,
+                             atol=ATOL * scale, err_msg=what)
+
+
+# (leading dims, T, D, block_len): T not a multiple of the 16 vector lanes, several head
+# sizes, one and two leading dims; the MCT's own case (150 queries, blocks of 50, D 4) last
+CASES = [((2, 3), 21, 4, 7), ((5,), 15, 1, 5), ((2,), 33, 2, 11), ((1, 2), 48, 8, 16),
+         ((3,), 9, 16, 3), ((2,), 6, 32, 2), ((4, 8), 150, 4, 50)]
+
+
+@pytest.mark.parametrize('lead,T,D,block_len', CASES)
+def test_block_stats_match_float64(lead, T, D, block_len):
+  rng = np.random.default_rng(T * D)
+  q, k, v = (rng.normal(size=lead + (T, D)).astype(np.float32) for _ in range(3))
+  m, z, n = jax.jit(native.block_stats, static_argnums=3)(q, k, v, block_len)
+  ref = _block_reference(q, k, v, block_len)
+  for got, want, name in zip((m, z, n), ref, 'mzn'):
+    assert got.shape == want.shape and got.dtype == jnp.float32
+    _close(got, want, name)
+
+
+@pytest.mark.parametrize('lead,T,D,block_len', CASES)
+def test_block_stats_gradient_matches_float64_and_the_xla_form(lead, T, D, block_len):
+  rng = np.random.default_rng(T * D + 1)
+  q, k, v = (rng.normal(size=lead + (T, D)).astype(np.float32) for _ in range(3))
+  blocks = T // block_len
+  dz = rng.normal(size=(blocks,) + lead + (T,)).astype(np.float32)
+  dn = rng.normal(size=(blocks,) + lead + (T, D)).astype(np.float32)
+
+  def objective(stats_fn):
+    def f(q, k, v):
+      m, z, n = stats_fn(q, k, v)
+      return sum(jnp.sum(dz[j] * z[j]) + jnp.sum(dn[j] * n[j]) for j in range(blocks))
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+
+  native_grads = objective(lambda q, k, v: native.block_stats(q, k, v, block_len))(q, k, v)
+  ref = _block_grad_reference(q, k, v, block_len, dz, dn)
+  for got, want, name in zip(native_grads, ref, ('dq', 'dk', 'dv')):
+    _close(got, want, name)
+  if len(lead) == 2 and blocks == 3:  # the XLA form takes (B, H, 3·block_len, D)
+    xla_grads = objective(lambda q, k, v: mct._block_stats(q, k, v, block_len, 'xla'))(q, k, v)
+    for got, want, name in zip(native_grads, xla_grads, ('dq', 'dk', 'dv')):
+      _close(got, want, name + ' vs xla')
+
+
+def test_block_stats_wide_score_range():
+  """Scores spanning ~300 below the row max: exponentials down to underflow, then 0."""
+  rng = np.random.default_rng(3)
+  q = (rng.normal(size=(2, 30, 4)) * 6).astype(np.float32)
+  k = (rng.normal(size=(2, 30, 4)) * 6).astype(np.float32)
+  v = rng.normal(size=(2, 30, 4)).astype(np.float32)
+  m, z, n = native.block_stats(q, k, v, 10)
+  ref = _block_reference(q, k, v, 10)
+  s = np.einsum('iqd,ikd->iqk', q.astype(np.float64), k.astype(np.float64))
+  assert (s.max(-1, keepdims=True) - s).max() > 200
+  for got, want, name in zip((m, z, n), ref, 'mzn'):
+    _close(got, want, name)
+
+
+def test_block_stats_nan_stays_in_its_item():
+  rng = np.random.default_rng(4)
+  q, k, v = (rng.normal(size=(3, 12, 4)).astype(np.float32) for _ in range(3))
+  q[1, 5, 2] = np.nan
+  m, z, n = (np.asarray(t) for t in native.block_stats(q, k, v, 4))
+  assert np.isnan(z[:, 1, 5]).all() and np.isnan(n[:, 1, 5]).all()
+  rows = np.ones((3, 12), bool)
+  rows[1, 5] = False
+  assert np.isfinite(z[:, rows]).all() and np.isfinite(n[:, rows]).all()
+
+
+def _kl_reference(q_t, k_t, q_s, k_s, dkl):
+  q_t, k_t, q_s, k_s, dkl = (np.asarray(t, np.float64) for t in (q_t, k_t, q_s, k_s, dkl))
+  log_softmax = lambda s: s - s.max(-1, keepdims=True) - np.log(
+      np.exp(s - s.max(-1, keepdims=True)).sum(-1, keepdims=True))
+  lt = log_softmax(np.einsum('...qd,...kd->...qk', q_t, k_t))
+  ls = log_softmax(np.einsum('...qd,...kd->...qk', q_s, k_s))
+  kl = (np.exp(lt) * (lt - ls)).sum(-1)
+  ds = dkl[..., None] * (np.exp(ls) - np.exp(lt))
+  return kl, np.einsum('...qk,...kd->...qd', ds, k_s), np.einsum('...qk,...qd->...kd', ds, q_s)
+
+
+@pytest.mark.parametrize('lead,T,D', [((2, 3), 21, 4), ((4,), 17, 8), ((3,), 10, 1),
+                                      ((2, 8), 150, 4), ((2,), 12, 32)])
+def test_attention_kl_and_its_gradient_match_float64(lead, T, D):
+  rng = np.random.default_rng(T + D)
+  q_t, k_t, q_s, k_s = (rng.normal(size=lead + (T, D)).astype(np.float32) for _ in range(4))
+  dkl = rng.normal(size=lead + (T,)).astype(np.float32)
+  kl, vjp = jax.vjp(native.attention_kl, q_t, k_t, q_s, k_s)
+  dq_t, dk_t, dq_s, dk_s = vjp(jnp.asarray(dkl))
+  ref_kl, ref_dq, ref_dk = _kl_reference(q_t, k_t, q_s, k_s, dkl)
+  _close(kl, ref_kl, 'kl')
+  _close(dq_s, ref_dq, 'dq_student')
+  _close(dk_s, ref_dk, 'dk_student')
+  assert not np.asarray(dq_t).any() and not np.asarray(dk_t).any()  # the teacher is a constant
+
+
+def test_attention_kl_qk_native_equals_the_scores_form():
+  rng = np.random.default_rng(5)
+  qk_t = tuple(jnp.asarray(rng.normal(size=(4, 2, 30, 4)).astype(np.float32)) for _ in range(2))
+  qk_s = tuple(jnp.asarray(rng.normal(size=(4, 2, 30, 4)).astype(np.float32)) for _ in range(2))
+  valid = jnp.asarray([1.0, 0.0, 1.0, 1.0])
+  out = {}
+  for kernel in ('native', 'xla'):
+    f = lambda qk_s: losses.attention_kl_qk(qk_t, qk_s, valid, kernel)[0]
+    out[kernel] = jax.value_and_grad(f)(qk_s)
+  assert losses.attention_kl_qk(qk_t, qk_s, valid, 'native')[1] == 3 * 2
+  _close(out['native'][0], out['xla'][0], 'loss')
+  for a, b in zip(out['native'][1], out['xla'][1]):
+    _close(a, b, 'gradient')
+
+
+def test_model_and_train_step_native_equal_xla():
+  """The tiny CIDer (head size 8): gradients of task + distillation loss, and two train steps.
+
+  Gradients are compared with an absolute tolerance scaled by the largest one: several
+  parameters (key biases, pooling-score biases) have a zero gradient in exact arithmetic, so
+  theirs is round-off of that scale. Parameters after a step are not compared leaf by leaf
+  for the same reason: Adam's first update turns such round-off into ±learning rate.
+  """
+  from cider_jax import train
+  from cider_jax.train_step import prototype_inputs, train_step
+  b = tiny.batch(8)
+  results = {}
+  for kernel in ('native', 'xla'):
+    config = tiny.config(deterministic=True)
+    config.model.attention_kernel = kernel
+    model, tx, labels, state = train.init_state(config, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
+    assert model.attention_kernel == kernel
+    feats, probs = prototype_inputs(tiny.consts(), 8)
+    apply = lambda p, x: model.apply({'params': p}, x, feats, probs)
+    x_m = dict(b, audio_mask=b['audio_mask'] * (np.arange(20) % 3 > 0))
+    teacher = apply(state.params, b)
+
+    def loss(p):
+      out = apply(p, x_m)
+      nll = losses.nll(out['logp'], b['label'], b['valid'])[0]
+      kl = losses.attention_kl_qk(teacher['attn_qk'], out['attn_qk'], b['valid'], kernel)[0]
+      return nll + kl
+
+    grads = jax.jit(jax.grad(loss))(state.params)
+    step = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, labels=labels,
+                                           config=config, axis_name=None))
+    metrics = []
+    for _ in range(2):
+      state, m = step(state, b)
+      metrics.append(m)
+    results[kernel] = (grads, metrics)
+  (g_n, m_n), (g_x, m_x) = results['native'], results['xla']
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_x))
+  for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(g_n), jax.tree.leaves(g_x)):
+    np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+  for step_n, step_x in zip(m_n, m_x):
+    for name in ('loss', 'loss_attn', 'loss_task', 'loss_task_m', 'loss_rep'):
+      _close(step_n[name], step_x[name], name)
+    assert float(step_n['loss_attn']) > 0
+
+
+def test_attention_kernel_resolution():
+  assert spec.attention_kernel('xla', 4) == 'xla'
+  assert spec.attention_kernel('auto', 4) == 'native'  # CPU backend, kernels built
+  assert spec.attention_kernel('auto', 64) == 'xla'
+  assert spec.attention_kernel('native', 4) == 'native'
+  with pytest.raises(ValueError, match='head size 64'):
+    spec.attention_kernel('native', 64)
+  with pytest.raises(ValueError, match='attention_kernel'):
+    spec.attention_kernel('fast', 4)
+  c = default.get_config()
+  c.model.attention_kernel = 'fast'
+  with pytest.raises(ValueError, match='attention_kernel'):
+    configuration.validate(c, check_paths=False, check_devices=False)
+
+
+def test_no_compiler_falls_back_with_a_note(tmp_path):
+  """A failed build: available() says why, 'auto' uses xla with a note, 'native' is an error."""
+  code = (
+      'import sys\n'
+      'from cider_jax.kernels import attention\n'
+      'from cider_jax import spec\n'
+      'ok, reason = attention.available()\n'
+      'assert not ok and "could not build" in reason, reason\n'
+      'assert spec.attention_kernel("auto", 4) == "xla"\n'
+      'try:\n'
+      '  spec.attention_kernel("native", 4)\n'
+      '  sys.exit("native did not raise")\n'
+      'except ValueError as e:\n'
+      '  assert "could not build" in str(e), e\n'
+      'print("checked")\n')
+  env = dict(os.environ, CXX=str(tmp_path / 'no-such-compiler'),
+             CIDER_JAX_KERNEL_CACHE=str(tmp_path / 'cache'), PYTHONPATH=ROOT,
+             JAX_PLATFORMS='cpu')
+  r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                     cwd=ROOT, timeout=300)
+  assert r.returncode == 0 and 'checked' in r.stdout, r.stdout + r.stderr
+  assert 'note: model.attention_kernel=auto uses xla' in r.stderr
+  assert not any(p.suffix == '.so' for p in (tmp_path / 'cache').glob('*'))
+
+
+def test_kernel_library_is_cached(tmp_path):
+  """The first use builds the library into the cache; a second process loads it as is."""
+  env = dict(os.environ, CIDER_JAX_KERNEL_CACHE=str(tmp_path), PYTHONPATH=ROOT)
+  code = 'from cider_jax.kernels import attention; assert attention.available()[0]'
+  for _ in range(2):
+    subprocess.run([sys.executable, '-c', code], env=env, check=True, cwd=ROOT, timeout=300)
+    libs = list(tmp_path.glob('attention-*.so'))
+    assert len(libs) == 1
+    if _ == 0:
+      first = libs[0].stat().st_mtime_ns
+  assert libs[0].stat().st_mtime_ns == first
