@@ -23,7 +23,7 @@ DATASETS = ('mosi', 'mosei')
 SETTINGS = ('iid', 'ood', 'cross_dataset')
 POSITIONS = ('time', 'reference')
 DTYPES = ('float32', 'bfloat16')
-ATTENTION_KERNELS = ('auto', 'native', 'xla')
+KERNELS = ('auto', 'native', 'xla')
 DROPOUTS = ('attn_dropout', 'out_dropout', 'embed_dropout', 'relu_dropout', 'res_dropout')
 PACKAGE_PREFIX = 'package:'  # as cider_jax.models.bert: a pip package's model/ folder
 
@@ -132,7 +132,7 @@ def _check_model(config):
     _fraction(config, f'model.{name}', hi_open=True, what='a dropout rate')
   _one_of(config, 'model.positions', POSITIONS)
   _one_of(config, 'model.dtype', DTYPES)
-  _one_of(config, 'model.attention_kernel', ATTENTION_KERNELS)
+  _one_of(config, 'model.kernels', KERNELS)
 
 
 def _check_training(config, check_devices):

@@ -97,11 +97,11 @@ def build_model(config, spec: ModelSpec, bert_config: bert.BertConfig) -> CIDer:
       res_dropout=drop(m.res_dropout), embed_dropout=drop(m.embed_dropout),
       out_dropout=drop(m.out_dropout), positions=m.positions,
       cross_dataset=bool(m.cross_dataset), dtype=dtype,
-      attention_kernel=attention_kernel(m.attention_kernel, m.embed_dim // m.num_heads))
+      kernels=resolve_kernels(m.kernels, m.embed_dim // m.num_heads))
 
 
-def attention_kernel(choice: str, head_size: int) -> str:
-  """model.attention_kernel resolved to 'native' or 'xla' for the default backend.
+def resolve_kernels(choice: str, head_size: int) -> str:
+  """model.kernels resolved to 'native' or 'xla' for the default backend.
 
   'native' needs the CPU backend, a head size the kernel supports and a build that works;
   it is an error otherwise. 'auto' takes it when all three hold, else 'xla' (with a note on
@@ -110,7 +110,7 @@ def attention_kernel(choice: str, head_size: int) -> str:
   if choice == 'xla':
     return 'xla'
   if choice not in ('auto', 'native'):
-    raise ValueError(f"model.attention_kernel must be 'auto', 'native' or 'xla', got {choice!r}")
+    raise ValueError(f"model.kernels must be 'auto', 'native' or 'xla', got {choice!r}")
   problems = []
   if jax.default_backend() != 'cpu':
     problems.append(f'the default backend is {jax.default_backend()!r}, not cpu')
@@ -122,9 +122,9 @@ def attention_kernel(choice: str, head_size: int) -> str:
       return 'native'
     problems.append(reason)
     if choice == 'auto':
-      print(f'note: model.attention_kernel=auto uses xla: {reason}', file=sys.stderr)
+      print(f'note: model.kernels=auto uses xla: {reason}', file=sys.stderr)
   if choice == 'native':
-    raise ValueError('model.attention_kernel=native is not usable: ' + '; '.join(problems))
+    raise ValueError('model.kernels=native is not usable: ' + '; '.join(problems))
   return 'xla'
 
 

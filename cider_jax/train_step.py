@@ -123,7 +123,7 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
         'loss_task_m': losses.nll(out['logp'], y, valid),
         'loss_rep': losses.representation(out['joint_rep'], target['joint_rep'], valid),
         'loss_attn': losses.attention_kl_qk(target['attn_qk'], out['attn_qk'], valid,
-                                            model.attention_kernel),
+                                            model.kernels),
         'loss_rec_text': losses.reconstruction(out['text_recon'], target['text_hidden'],
                                                dropped['text']),
         'loss_rec_audio': losses.reconstruction(out['audio_recon'], inputs['audio'],

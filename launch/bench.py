@@ -8,9 +8,9 @@ Shapes are MOSI unaligned (L 50, La 375, Lv 500, Da 5, Dv 20; --aligned: 50/50/5
 classes, a randomly initialised BERT of the given size. Prints one JSON line: ms_per_iter,
 samples_per_s, compile_s, peak_rss_mb, device, flops_per_iter (XLA cost analysis; with the
 native attention kernels, whose work XLA cannot see, that of the same step compiled with
-model.attention_kernel=xla) and flops_source, peak_gflops with its source (on CPU measured in
+model.kernels=xla) and flops_source, peak_gflops with its source (on CPU measured in
 the same run as the float32 throughput of a 2048^3 matmul), fraction_of_peak and the
-settings, attention_kernel included.
+settings, kernels included.
 """
 import functools
 import json
@@ -155,13 +155,13 @@ def main(argv):
     jax.profiler.stop_trace()
   ms = (time.time() - t0) / _STEPS.value * 1000
   flops_source = 'XLA cost analysis'
-  if _PART.value == 'step' and model.attention_kernel == 'native':
+  if _PART.value == 'step' and model.kernels == 'native':
     # XLA cannot see inside the native kernels: count the same step's work in its XLA form
-    fn_xla = functools.partial(train_step, model=model.clone(attention_kernel='xla'), tx=tx,
+    fn_xla = functools.partial(train_step, model=model.clone(kernels='xla'), tx=tx,
                                labels=labels, config=config, axis_name='batch')
     flops = _flops(jax.pmap(fn_xla, axis_name='batch', devices=devices).lower(
         r_state, batch).compile())
-    flops_source = 'XLA cost analysis of the same step with model.attention_kernel=xla'
+    flops_source = 'XLA cost analysis of the same step with model.kernels=xla'
   platform = devices[0].platform
   peak, peak_source = _PEAK.value, '--peak_gflops'
   if not peak and platform == 'cpu':
@@ -176,7 +176,7 @@ def main(argv):
                               else None),
          'batch': B, 'bert_hidden': _HIDDEN.value, 'bert_layers': _LAYERS.value,
          'bert_heads': _HEADS.value, 'aligned': _ALIGNED.value, 'dtype': config.model.dtype,
-         'part': _PART.value, 'attention_kernel': model.attention_kernel,
+         'part': _PART.value, 'kernels': model.kernels,
          'loss': float(np.asarray(m['loss'])[0])}
   print(json.dumps(out))
 

@@ -1,4 +1,4 @@
-"""Native CPU kernels (attention.cc) for the MCT's composite attention and its distillation.
+"""Native CPU kernels (kernels.cc) for the MCT's composite attention and its distillation.
 
 - `block_stats(q, k, v, block_len)`: for every query and every key block j, the row max m_j,
   the sum of exponentials z_j and the weighted values n_j (mct._key_block is the XLA form of
@@ -9,102 +9,21 @@
 
 Forward and backward are one pass each over the scores, which are recomputed, never stored.
 
-The kernel is compiled on first use with the system C++ compiler against the XLA FFI headers
-that jaxlib ships, for this CPU (-march=native), and cached under
-$CIDER_JAX_KERNEL_CACHE (default ~/.cache/cider_jax/kernels), keyed by the source, jaxlib's
-version, the compiler and the CPU's model and flags. `available()` says whether it could be
-built and why not; model.attention_kernel='auto' then falls back to the XLA form.
+Built and loaded by cider_jax.kernels.library; model.kernels chooses them.
 """
-import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'attention.cc')
+from cider_jax.kernels.library import available, f32 as _f32  # noqa: F401 (re-exported)
+
 HEAD_SIZES = (1, 2, 4, 8, 16, 32)
-_TARGETS = {'cider_block_softmax_forward': 'CiderBlockSoftmaxForward',
-            'cider_block_softmax_backward': 'CiderBlockSoftmaxBackward',
-            'cider_attention_kl_forward': 'CiderAttentionKlForward',
-            'cider_attention_kl_backward': 'CiderAttentionKlBackward'}
-
-
-def _cpu_signature() -> str:
-  """CPU model and feature flags: a library built with -march=native runs only on a match."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      lines = [l for l in f if l.startswith(('model name', 'flags', 'Features', 'CPU part'))]
-    return ''.join(sorted(set(lines)))
-  except OSError:
-    return platform.processor() + platform.machine()
-
-
-def _compiler():
-  return os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++') or shutil.which('clang++')
-
-
-def _build(path: str, compiler: str) -> None:
-  """Compiles SOURCE into the shared library `path` (atomically: other processes may race)."""
-  directory = os.path.dirname(path)
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=directory)
-  os.close(fd)
-  cmd = [compiler, '-O3', '-march=native', '-std=c++17', '-shared', '-fPIC',
-         '-isystem', jax.ffi.include_dir(), SOURCE, '-o', tmp]
-  try:
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if result.returncode != 0:
-      raise RuntimeError(f'{" ".join(cmd)} failed:\n{result.stderr[-2000:]}')
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-@functools.lru_cache(maxsize=None)
-def _load():
-  """(True, '') once the targets are registered with XLA, else (False, reason)."""
-  if platform.system() != 'Linux' and platform.system() != 'Darwin':
-    return False, f'native kernels are built on Linux and macOS only, not {platform.system()}'
-  compiler = _compiler()
-  if compiler is None:
-    return False, 'no C++ compiler found (install g++ or set CXX)'
-  import jaxlib
-  with open(SOURCE, 'rb') as f:
-    key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + compiler.encode()
-                         + _cpu_signature().encode()).hexdigest()[:20]
-  cache = os.environ.get('CIDER_JAX_KERNEL_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'cider_jax', 'kernels')
-  path = os.path.join(cache, f'attention-{key}.so')
-  try:
-    if not os.path.exists(path):
-      _build(path, compiler)
-    lib = ctypes.cdll.LoadLibrary(path)
-  except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-    return False, f'could not build the native attention kernels: {e}'
-  for target, symbol in _TARGETS.items():
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
-  return True, ''
-
-
-def available() -> tuple:
-  """(usable, reason): whether the kernels are built and registered for the CPU backend."""
-  return _load()
 
 
 def supports(head_size: int) -> bool:
   return head_size in HEAD_SIZES
-
-
-def _f32(shape):
-  return jax.ShapeDtypeStruct(shape, jnp.float32)
 
 
 def _flat(t):

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cider_jax.kernels import gru as native_gru
 from cider_jax.models.bert import BertConfig, BertEncoder
 from cider_jax.models.mcm import MCM, AttentionPool, JointRep
 from cider_jax.models.mct import MCT
@@ -36,13 +37,16 @@ class GRUWeights(nn.Module):
             self.param('b_ih', init, (3 * H,)), self.param('b_hh', init, (3 * H,)))
 
 
-def gru_scan(x, w_ih, w_hh, b_ih, b_hh):
+def gru_scan(x, w_ih, w_hh, b_ih, b_hh, kernel='xla'):
   """M independent GRUs run in one scan over time (initial state zero, all steps).
 
   x (M, B, T, E); w_ih (M, E, 3H), w_hh (M, H, 3H), b_ih / b_hh (M, 3H) → (M, B, T, H).
+  kernel 'native': the recurrence is one CPU kernel call (kernels.gru), 'xla': a lax.scan.
   """
   H = w_hh.shape[1]
   gx = jnp.einsum('mbte,meg->mbtg', x, w_ih) + b_ih[:, None, None, :]
+  if kernel == 'native':
+    return native_gru.recurrence(gx, w_hh, b_hh)
 
   def step(h, g):
     gh = jnp.einsum('mbh,mhg->mbg', h, w_hh) + b_hh[:, None, :]
@@ -87,7 +91,7 @@ class CIDer(nn.Module):
   positions: str = 'time'
   cross_dataset: bool = False
   dtype: Any = jnp.float32                # the text encoder's matmul operands (matmul.Dense)
-  attention_kernel: str = 'xla'           # MCT block statistics: 'xla' or 'native' (CPU)
+  kernels: str = 'xla'                    # 'native': CPU kernels for MCT attention, KL, GRU
 
   @nn.compact
   def __call__(self, inputs, cls_feats, cls_probs, *, deterministic: bool = True,
@@ -120,11 +124,11 @@ class CIDer(nn.Module):
     # the three modality GRUs share one scan over the L word positions
     weights = [GRUWeights(E, name=f'gru_{m}')(E) for m in 'lav']
     stacked = [jnp.stack(w) for w in zip(*weights)]
-    hs = gru_scan(jnp.stack([x_l, x_a, x_v]), *stacked)
+    hs = gru_scan(jnp.stack([x_l, x_a, x_v]), *stacked, kernel=self.kernels)
     h = jnp.concatenate([hs[0], hs[1], hs[2]], axis=1)
     h, attn = MCT(E, self.num_heads, self.layers, self.attn_dropout, self.relu_dropout,
                     self.res_dropout, self.embed_dropout, self.positions,
-                    self.attention_kernel, name='mct')(h, deterministic)
+                    self.kernels, name='mct')(h, deterministic)
     h_l, h_a, h_v = h[:, :L], h[:, L:2 * L], h[:, 2 * L:]
 
     pooled = jnp.concatenate([AttentionPool(name=f'pool_{m}')(x)

@@ -1,4 +1,4 @@
-// Native CPU kernels of the MCT's composite attention and of the attention distillation.
+// Native CPU kernels: the MCT's composite attention, the attention distillation, the GRU.
 //
 // 1. Block softmax: softmax statistics of every query over each key block, and their gradient.
 //
@@ -18,7 +18,9 @@
 //   student side only (the teacher is a constant): db_tk = dkl_t (softmax(b)_k − softmax(a)_k),
 //   dp_t = Σ_k db_tk r_k, dr_k = Σ_t db_tk p_t.
 //
-// Queries run W at a time in vector lanes
+// 3. GRU (below): the recurrence of M GRUs over B sequences, forward and backward.
+//
+// Attention queries run W at a time in vector lanes
 // (GCC vector extensions: AVX-512 where -march=native has it, narrower vectors elsewhere);
 // the items are shared among XLA's intra-op threads.
 #include <algorithm>
@@ -303,6 +305,137 @@ void kl_backward_item(const float* qa, const float* ka, const float* qb, const f
     for (int d = 0; d < D; ++d) dqb[t * D + d] = dqt[static_cast<size_t>(d) * Tp + t];
 }
 
+// 3. GRU recurrence, torch gate order r|z|n, initial state 0. For item (m, b) and step t,
+//   gh = h W[m] + c[m],  r = σ(gx_r + gh_r),  u = σ(gx_z + gh_z),  n = tanh(gx_n + r·gh_n),
+//   h ← (1 − u) n + u h,
+// with gx (M, B, T, 3H) the input projections (bias included), W (M, H, 3H), c (M, 3H); the
+// states are written to hs (M, B, T, H). The backward pass runs the steps in reverse,
+// recomputing the gates from the stored states, and writes dgx (M, B, T, 3H) and, per item,
+// partial dW (H, 3H) and dc (3H) for the caller to sum over b.
+// σ(x) = 1 / (1 + e^−x) from e = exp(−|x|) ≤ 1, without cancellation for either sign.
+inline vf sigmoid_v(vf x) {
+  const vf e = exp_nonpositive(x > 0.0f ? -x : x);
+  const vf one = splat(1.0f);
+  return x > 0.0f ? one / (one + e) : e / (one + e);
+}
+
+// tanh: Cephes' odd polynomial below |x| = 0.625, (1 − e)/(1 + e) with e = exp(−2|x|) above
+// (no cancellation there: e ≤ 0.29); about 2 ulp.
+inline vf tanh_v(vf x) {
+  const vf ax = x > 0.0f ? x : -x;
+  const vf z = x * x;
+  vf p = splat(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const vf small = p * z * x + x;
+  const vf e = exp_nonpositive(-2.0f * ax);
+  const vf big = (1.0f - e) / (1.0f + e);
+  return ax < 0.625f ? small : (x < 0.0f ? -big : big);
+}
+
+// gh = c + h W (G = 3H outputs, W row-major (H, G))
+inline void hidden_gates(const float* __restrict h, const float* __restrict w,
+                         const float* __restrict c, int H, float* __restrict gh) {
+  const int G = 3 * H;
+  std::copy(c, c + G, gh);
+  for (int k = 0; k < H; ++k) {
+    const float hk = h[k];
+    const float* __restrict row = w + static_cast<size_t>(k) * G;
+    for (int j = 0; j < G; ++j) gh[j] += hk * row[j];
+  }
+}
+
+// The gates of one step for all H units, W at a time: r, u, n and the pre-activation
+// hidden part of n (gh_n), into arrays of Hp = H rounded up to W (padding lanes are junk).
+inline void gru_gates(const float* g, const float* gh, int H, int Hp, float* a, float* r,
+                      float* u, float* n) {
+  // a holds the three pre-activations, padded: a[0, Hp) r-gate, [Hp, 2Hp) u, [2Hp, 3Hp) n part
+  for (int j = 0; j < H; ++j) {
+    a[j] = g[j] + gh[j];
+    a[Hp + j] = g[H + j] + gh[H + j];
+  }
+  for (int j0 = 0; j0 < Hp; j0 += W) {
+    store(r + j0, sigmoid_v(load(a + j0)));
+    store(u + j0, sigmoid_v(load(a + Hp + j0)));
+  }
+  for (int j = 0; j < H; ++j) a[2 * Hp + j] = g[2 * H + j] + r[j] * gh[2 * H + j];
+  for (int j0 = 0; j0 < Hp; j0 += W) store(n + j0, tanh_v(load(a + 2 * Hp + j0)));
+}
+
+void gru_forward_item(const float* gx, const float* w, const float* c, int T, int H, float* hs,
+                      std::vector<float>& buf) {
+  const int G = 3 * H, Hp = (H + W - 1) / W * W;
+  buf.assign(static_cast<size_t>(H + G + 6 * Hp), 0.0f);
+  float* h = buf.data();
+  float* gh = h + H;
+  float* a = gh + G;
+  float* r = a + 3 * Hp;
+  float* u = r + Hp;
+  float* n = u + Hp;
+  for (int t = 0; t < T; ++t) {
+    const float* g = gx + static_cast<size_t>(t) * G;
+    hidden_gates(h, w, c, H, gh);
+    gru_gates(g, gh, H, Hp, a, r, u, n);
+    float* out = hs + static_cast<size_t>(t) * H;
+    for (int j = 0; j < H; ++j) out[j] = (1.0f - u[j]) * n[j] + u[j] * h[j];
+    std::copy(out, out + H, h);
+  }
+}
+
+void gru_backward_item(const float* gx, const float* w, const float* c, const float* hs,
+                       const float* dhs, int T, int H, float* dgx, float* dw, float* dc,
+                       std::vector<float>& buf) {
+  const int G = 3 * H, Hp = (H + W - 1) / W * W;
+  buf.assign(static_cast<size_t>(3 * H + 2 * G + 6 * Hp), 0.0f);
+  float* dh = buf.data();
+  float* zero = dh + H;
+  float* gh = zero + H;
+  float* dgh = gh + G;
+  float* dh_prev = dgh + G;
+  float* a = dh_prev + H;
+  float* r = a + 3 * Hp;
+  float* u = r + Hp;
+  float* n = u + Hp;
+  std::fill(dw, dw + static_cast<size_t>(H) * G, 0.0f);
+  std::fill(dc, dc + G, 0.0f);
+  for (int t = T - 1; t >= 0; --t) {
+    const float* g = gx + static_cast<size_t>(t) * G;
+    const float* h_prev = t > 0 ? hs + static_cast<size_t>(t - 1) * H : zero;
+    const float* dout = dhs + static_cast<size_t>(t) * H;
+    float* dg = dgx + static_cast<size_t>(t) * G;
+    hidden_gates(h_prev, w, c, H, gh);
+    gru_gates(g, gh, H, Hp, a, r, u, n);
+    for (int j = 0; j < H; ++j) {
+      const float d = dh[j] + dout[j];
+      const float dn = d * (1.0f - u[j]) * (1.0f - n[j] * n[j]);  // through tanh
+      const float du = d * (h_prev[j] - n[j]) * u[j] * (1.0f - u[j]);
+      const float dr = dn * gh[2 * H + j] * r[j] * (1.0f - r[j]);
+      dg[j] = dr;
+      dg[H + j] = du;
+      dg[2 * H + j] = dn;
+      dgh[j] = dr;
+      dgh[H + j] = du;
+      dgh[2 * H + j] = dn * r[j];
+      dh_prev[j] = d * u[j];
+    }
+    for (int j = 0; j < G; ++j) dc[j] += dgh[j];
+    for (int k = 0; k < H; ++k) {
+      const float hk = h_prev[k];
+      const float* __restrict row = w + static_cast<size_t>(k) * G;
+      float* __restrict drow = dw + static_cast<size_t>(k) * G;
+      float acc = 0.0f;
+      for (int j = 0; j < G; ++j) {
+        drow[j] += hk * dgh[j];
+        acc += dgh[j] * row[j];
+      }
+      dh_prev[k] += acc;
+    }
+    std::copy(dh_prev, dh_prev + H, dh);
+  }
+}
+
 // Runs body(begin, end) over [0, items) in contiguous chunks. Chunks are claimed from an
 // atomic counter by the caller and by tasks scheduled on XLA's intra-op pool, so the caller
 // does all the work itself when the pool is busy elsewhere; it returns once every claimed
@@ -482,6 +615,62 @@ ffi::Error KlBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qa, ffi::Buffe
   });
 }
 
+ffi::Error check_gru(ffi::AnyBuffer::Dimensions gd, ffi::AnyBuffer::Dimensions wd,
+                     ffi::AnyBuffer::Dimensions cd, int* M, int* B, int* T, int* H) {
+  if (gd.size() != 4 || wd.size() != 3 || cd.size() != 2)
+    return ffi::Error::InvalidArgument("cider gru kernel: gx (M, B, T, 3H), W (M, H, 3H), c (M, 3H)");
+  if (wd[0] != gd[0] || cd[0] != gd[0] || wd[2] != 3 * wd[1] || gd[3] != wd[2] || cd[1] != wd[2])
+    return ffi::Error::InvalidArgument("cider gru kernel: gx, W and c disagree in M or H");
+  *M = static_cast<int>(gd[0]);
+  *B = static_cast<int>(gd[1]);
+  *T = static_cast<int>(gd[2]);
+  *H = static_cast<int>(wd[1]);
+  return ffi::Error::Success();
+}
+
+ffi::Error GruForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::Buffer<ffi::F32> w,
+                      ffi::Buffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> hs) {
+  int M, B, T, H;
+  if (auto err = check_gru(gx.dimensions(), w.dimensions(), c.dimensions(), &M, &B, &T, &H);
+      err.failure())
+    return err;
+  const float *gp = gx.typed_data(), *wp = w.typed_data(), *cp = c.typed_data();
+  float* hp = hs->typed_data();
+  const size_t G = 3 * static_cast<size_t>(H);
+  parallel_for(pool, M * B, [&](int begin, int end) {
+    std::vector<float> buf;
+    for (int i = begin; i < end; ++i) {
+      const int m = i / B;
+      gru_forward_item(gp + i * T * G, wp + m * H * G, cp + m * G, T, H, hp + i * T * static_cast<size_t>(H), buf);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GruBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::Buffer<ffi::F32> w,
+                       ffi::Buffer<ffi::F32> c, ffi::Buffer<ffi::F32> hs,
+                       ffi::Buffer<ffi::F32> dhs, ffi::ResultBuffer<ffi::F32> dgx,
+                       ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> dc) {
+  int M, B, T, H;
+  if (auto err = check_gru(gx.dimensions(), w.dimensions(), c.dimensions(), &M, &B, &T, &H);
+      err.failure())
+    return err;
+  const float *gp = gx.typed_data(), *wp = w.typed_data(), *cp = c.typed_data(),
+              *hp = hs.typed_data(), *dhp = dhs.typed_data();
+  float *dgp = dgx->typed_data(), *dwp = dw->typed_data(), *dcp = dc->typed_data();
+  const size_t G = 3 * static_cast<size_t>(H), Hs = static_cast<size_t>(H);
+  parallel_for(pool, M * B, [&](int begin, int end) {
+    std::vector<float> buf;
+    for (int i = begin; i < end; ++i) {
+      const int m = i / B;
+      gru_backward_item(gp + i * T * G, wp + m * Hs * G, cp + m * G, hp + i * T * Hs,
+                        dhp + i * T * Hs, T, H, dgp + i * T * G, dwp + i * Hs * G, dcp + i * G,
+                        buf);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderBlockSoftmaxForward, Forward,
@@ -530,5 +719,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderAttentionKlBackward, KlBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderGruForward, GruForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderGruBackward, GruBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
