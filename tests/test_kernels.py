@@ -1,4 +1,4 @@
-"""cider_jax.kernels.attention: the native CPU kernels against float64 math and the XLA form.
+"""cider_jax.kernels: the native CPU kernels against float64 math and the XLA forms.
 
 References are written from the definitions in float64 numpy (scores s = q·kᵀ, softmax
 statistics, their gradients derived by hand), independently of both implementations.
@@ -16,7 +16,8 @@ import pytest
 
 from cider_jax import configuration, losses, spec
 from cider_jax.kernels import attention as native
-from cider_jax.models import mct
+from cider_jax.kernels import gru as native_gru
+from cider_jax.models import cider, mct
 from configs import default
 from tests.helpers import tiny
 
@@ -187,9 +188,9 @@ def test_model_and_train_step_native_equal_xla():
   results = {}
   for kernel in ('native', 'xla'):
     config = tiny.config(deterministic=True)
-    config.model.attention_kernel = kernel
+    config.model.kernels = kernel
     model, tx, labels, state = train.init_state(config, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
-    assert model.attention_kernel == kernel
+    assert model.kernels == kernel
     feats, probs = prototype_inputs(tiny.consts(), 8)
     apply = lambda p, x: model.apply({'params': p}, x, feats, probs)
     x_m = dict(b, audio_mask=b['audio_mask'] * (np.arange(20) % 3 > 0))
@@ -220,18 +221,69 @@ def test_model_and_train_step_native_equal_xla():
     assert float(step_n['loss_attn']) > 0
 
 
+def _gru_reference(x, w_ih, w_hh, b_ih, b_hh):
+  """float64 torch-convention GRU (gates r|z|n), zero initial state: (M, B, T, H)."""
+  x, w_ih, w_hh, b_ih, b_hh = (np.asarray(t, np.float64) for t in (x, w_ih, w_hh, b_ih, b_hh))
+  M, B, T, _ = x.shape
+  H = w_hh.shape[1]
+  sig = lambda a: 1 / (1 + np.exp(-a))
+  h = np.zeros((M, B, H))
+  out = np.zeros((M, B, T, H))
+  for t in range(T):
+    gx = np.einsum('mbe,meg->mbg', x[:, :, t], w_ih) + b_ih[:, None]
+    gh = np.einsum('mbh,mhg->mbg', h, w_hh) + b_hh[:, None]
+    r = sig(gx[..., :H] + gh[..., :H])
+    z = sig(gx[..., H:2 * H] + gh[..., H:2 * H])
+    n = np.tanh(gx[..., 2 * H:] + r * gh[..., 2 * H:])
+    h = (1 - z) * n + z * h
+    out[:, :, t] = h
+  return out
+
+
+# (M, B, T, E, H, scale): hidden sizes off the 16 vector lanes, the model's own (3, 32, 50,
+# 32, 32); scale 4 drives the gates into saturation and tanh through both of its branches
+GRU_CASES = [(2, 3, 7, 5, 5, 1.0), (1, 2, 4, 3, 20, 4.0), (3, 4, 9, 6, 16, 0.3),
+             (3, 32, 50, 32, 32, 1.0)]
+
+
+@pytest.mark.parametrize('M,B,T,E,H,scale', GRU_CASES)
+def test_gru_matches_float64_and_its_gradient_the_scan(M, B, T, E, H, scale):
+  rng = np.random.default_rng(M * 100 + H)
+  bound = H ** -0.5 * scale
+  x = (rng.normal(size=(M, B, T, E)) * scale).astype(np.float32)
+  w_ih, w_hh = (rng.uniform(-bound, bound, size=(M, d, 3 * H)).astype(np.float32)
+                for d in (E, H))
+  b_ih, b_hh = (rng.uniform(-bound, bound, size=(M, 3 * H)).astype(np.float32) for _ in range(2))
+  args = (x, w_ih, w_hh, b_ih, b_hh)
+  hs = jax.jit(lambda *a: cider.gru_scan(*a, kernel='native'))(*args)
+  _close(hs, _gru_reference(*args), 'states')
+  weights = rng.normal(size=(M, B, T, H)).astype(np.float32)
+  grads = {}
+  for kernel in ('native', 'xla'):
+    f = lambda *a: jnp.sum(cider.gru_scan(*a, kernel=kernel) * weights)
+    grads[kernel] = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))(*args)
+  for got, want, name in zip(grads['native'], grads['xla'], ('dx', 'dw_ih', 'dw_hh', 'db_ih', 'db_hh')):
+    _close(got, want, name)
+
+
+def test_gru_recurrence_rejects_mismatched_shapes():
+  gx = jnp.zeros((2, 3, 4, 12))
+  with pytest.raises(Exception, match='disagree'):
+    jax.block_until_ready(native_gru.recurrence(gx, jnp.zeros((2, 5, 15)), jnp.zeros((2, 15))))
+
+
 def test_attention_kernel_resolution():
-  assert spec.attention_kernel('xla', 4) == 'xla'
-  assert spec.attention_kernel('auto', 4) == 'native'  # CPU backend, kernels built
-  assert spec.attention_kernel('auto', 64) == 'xla'
-  assert spec.attention_kernel('native', 4) == 'native'
+  assert spec.resolve_kernels('xla', 4) == 'xla'
+  assert spec.resolve_kernels('auto', 4) == 'native'  # CPU backend, kernels built
+  assert spec.resolve_kernels('auto', 64) == 'xla'
+  assert spec.resolve_kernels('native', 4) == 'native'
   with pytest.raises(ValueError, match='head size 64'):
-    spec.attention_kernel('native', 64)
-  with pytest.raises(ValueError, match='attention_kernel'):
-    spec.attention_kernel('fast', 4)
+    spec.resolve_kernels('native', 64)
+  with pytest.raises(ValueError, match='model.kernels'):
+    spec.resolve_kernels('fast', 4)
   c = default.get_config()
-  c.model.attention_kernel = 'fast'
-  with pytest.raises(ValueError, match='attention_kernel'):
+  c.model.kernels = 'fast'
+  with pytest.raises(ValueError, match='model.kernels'):
     configuration.validate(c, check_paths=False, check_devices=False)
 
 
@@ -243,9 +295,9 @@ def test_no_compiler_falls_back_with_a_note(tmp_path):
       'from cider_jax import spec\n'
       'ok, reason = attention.available()\n'
       'assert not ok and "could not build" in reason, reason\n'
-      'assert spec.attention_kernel("auto", 4) == "xla"\n'
+      'assert spec.resolve_kernels("auto", 4) == "xla"\n'
       'try:\n'
-      '  spec.attention_kernel("native", 4)\n'
+      '  spec.resolve_kernels("native", 4)\n'
       '  sys.exit("native did not raise")\n'
       'except ValueError as e:\n'
       '  assert "could not build" in str(e), e\n'
@@ -256,7 +308,7 @@ def test_no_compiler_falls_back_with_a_note(tmp_path):
   r = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                      cwd=ROOT, timeout=300)
   assert r.returncode == 0 and 'checked' in r.stdout, r.stdout + r.stderr
-  assert 'note: model.attention_kernel=auto uses xla' in r.stderr
+  assert 'note: model.kernels=auto uses xla' in r.stderr
   assert not any(p.suffix == '.so' for p in (tmp_path / 'cache').glob('*'))
 
 
@@ -266,7 +318,7 @@ def test_kernel_library_is_cached(tmp_path):
   code = 'from cider_jax.kernels import attention; assert attention.available()[0]'
   for _ in range(2):
     subprocess.run([sys.executable, '-c', code], env=env, check=True, cwd=ROOT, timeout=300)
-    libs = list(tmp_path.glob('attention-*.so'))
+    libs = list(tmp_path.glob('kernels-*.so'))
     assert len(libs) == 1
     if _ == 0:
       first = libs[0].stat().st_mtime_ns
