@@ -512,6 +512,20 @@ ffi::Error dispatch_d(int D, F&& f) {
   return ffi::Error::Success();
 }
 
+// Runs item(D as an integral constant, i, q offset, k offset, scratch) for every item i, on
+// the intra-op pool, with the head size D of the shapes as a compile-time constant.
+template <typename ItemFn>
+ffi::Error for_each_item(ffi::ThreadPool& pool, const Shapes& sh, ItemFn&& item) {
+  return dispatch_d(sh.D, [&](auto dc) {
+    constexpr int D = decltype(dc)::value;
+    parallel_for(pool, sh.items, [&](int begin, int end) {
+      std::vector<float> buf;
+      for (int i = begin; i < end; ++i)
+        item(dc, i, static_cast<size_t>(i) * sh.T * D, static_cast<size_t>(i) * sh.S * D, buf);
+    });
+  });
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, int64_t block_len, ffi::ResultBuffer<ffi::F32> m,
                    ffi::ResultBuffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> n) {
@@ -521,16 +535,9 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     return err;
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   float *mp = m->typed_data(), *zp = z->typed_data(), *np_ = n->typed_data();
-  return dispatch_d(sh.D, [&](auto dc) {
-    constexpr int D = decltype(dc)::value;
-    parallel_for(pool, sh.items, [&](int begin, int end) {
-      std::vector<float> buf;
-      for (int i = begin; i < end; ++i)
-        forward_item<D>(qp + static_cast<size_t>(i) * sh.T * D,
-                        kp + static_cast<size_t>(i) * sh.S * D,
-                        vp + static_cast<size_t>(i) * sh.S * D, sh.T, sh.S, sh.Lb, i, sh.items,
-                        mp, zp, np_, buf);
-    });
+  return for_each_item(pool, sh, [&](auto dc, int i, size_t qo, size_t ko, std::vector<float>& buf) {
+    forward_item<decltype(dc)::value>(qp + qo, kp + ko, vp + ko, sh.T, sh.S, sh.Lb, i, sh.items,
+                                      mp, zp, np_, buf);
   });
 }
 
@@ -545,16 +552,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
   const float *mp = m.typed_data(), *dzp = dz.typed_data(), *dnp = dn.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
-  return dispatch_d(sh.D, [&](auto dc) {
-    constexpr int D = decltype(dc)::value;
-    parallel_for(pool, sh.items, [&](int begin, int end) {
-      std::vector<float> buf;
-      for (int i = begin; i < end; ++i) {
-        const size_t qo = static_cast<size_t>(i) * sh.T * D, ko = static_cast<size_t>(i) * sh.S * D;
-        backward_item<D>(qp + qo, kp + ko, vp + ko, mp, dzp, dnp, sh.T, sh.S, sh.Lb, i,
-                         sh.items, dqp + qo, dkp + ko, dvp + ko, buf);
-      }
-    });
+  return for_each_item(pool, sh, [&](auto dc, int i, size_t qo, size_t ko, std::vector<float>& buf) {
+    backward_item<decltype(dc)::value>(qp + qo, kp + ko, vp + ko, mp, dzp, dnp, sh.T, sh.S, sh.Lb,
+                                       i, sh.items, dqp + qo, dkp + ko, dvp + ko, buf);
   });
 }
 
@@ -573,17 +573,10 @@ ffi::Error KlForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qa, ffi::Buffer
   const float *qap = qa.typed_data(), *kap = ka.typed_data(), *qbp = qb.typed_data(),
               *kbp = kb.typed_data();
   float *klp = kl->typed_data(), *lap = lse_a->typed_data(), *lbp = lse_b->typed_data();
-  return dispatch_d(sh.D, [&](auto dc) {
-    constexpr int D = decltype(dc)::value;
-    parallel_for(pool, sh.items, [&](int begin, int end) {
-      std::vector<float> buf;
-      for (int i = begin; i < end; ++i) {
-        const size_t qo = static_cast<size_t>(i) * sh.T * D, ko = static_cast<size_t>(i) * sh.S * D;
-        const size_t ro = static_cast<size_t>(i) * sh.T;
-        kl_forward_item<D>(qap + qo, kap + ko, qbp + qo, kbp + ko, sh.T, sh.S, klp + ro, lap + ro,
-                           lbp + ro, buf);
-      }
-    });
+  return for_each_item(pool, sh, [&](auto dc, int i, size_t qo, size_t ko, std::vector<float>& buf) {
+    const size_t ro = static_cast<size_t>(i) * sh.T;
+    kl_forward_item<decltype(dc)::value>(qap + qo, kap + ko, qbp + qo, kbp + ko, sh.T, sh.S,
+                                         klp + ro, lap + ro, lbp + ro, buf);
   });
 }
 
@@ -601,17 +594,10 @@ ffi::Error KlBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qa, ffi::Buffe
               *kbp = kb.typed_data(), *lap = lse_a.typed_data(), *lbp = lse_b.typed_data(),
               *gp = dkl.typed_data();
   float *dqp = dqb->typed_data(), *dkp = dkb->typed_data();
-  return dispatch_d(sh.D, [&](auto dc) {
-    constexpr int D = decltype(dc)::value;
-    parallel_for(pool, sh.items, [&](int begin, int end) {
-      std::vector<float> buf;
-      for (int i = begin; i < end; ++i) {
-        const size_t qo = static_cast<size_t>(i) * sh.T * D, ko = static_cast<size_t>(i) * sh.S * D;
-        const size_t ro = static_cast<size_t>(i) * sh.T;
-        kl_backward_item<D>(qap + qo, kap + ko, qbp + qo, kbp + ko, lap + ro, lbp + ro, gp + ro,
-                            sh.T, sh.S, dqp + qo, dkp + ko, buf);
-      }
-    });
+  return for_each_item(pool, sh, [&](auto dc, int i, size_t qo, size_t ko, std::vector<float>& buf) {
+    const size_t ro = static_cast<size_t>(i) * sh.T;
+    kl_backward_item<decltype(dc)::value>(qap + qo, kap + ko, qbp + qo, kbp + ko, lap + ro,
+                                          lbp + ro, gp + ro, sh.T, sh.S, dqp + qo, dkp + ko, buf);
   });
 }
 
