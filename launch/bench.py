@@ -172,7 +172,8 @@ def main(argv):
          'device': f'{platform}:{devices[0].device_kind} x{n_dev}',
          'flops_per_iter': flops, 'flops_source': flops_source,
          'peak_gflops': round(peak, 1) if peak else None, 'peak_source': peak_source if peak else None,
-         'fraction_of_peak': (round(flops / (ms / 1000) / (peak * 1e9), 3) if peak and flops
+         # three significant digits: a tiny run's fraction can be well below 0.001
+         'fraction_of_peak': (float(f'{flops / (ms / 1000) / (peak * 1e9):.3g}') if peak and flops
                               else None),
          'batch': B, 'bert_hidden': _HIDDEN.value, 'bert_layers': _LAYERS.value,
          'bert_heads': _HEADS.value, 'aligned': _ALIGNED.value, 'dtype': config.model.dtype,
