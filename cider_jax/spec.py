@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from cider_jax import configuration
 from cider_jax.kernels import attention as native_attention
+from cider_jax.kernels import library
 from cider_jax.models import bert
 from cider_jax.models.cider import CIDer
 
@@ -117,7 +118,7 @@ def resolve_kernels(choice: str, head_size: int) -> str:
   if not native_attention.supports(head_size):
     problems.append(f'head size {head_size} is not one of {native_attention.HEAD_SIZES}')
   if not problems:
-    ok, reason = native_attention.available()
+    ok, reason = library.available()
     if ok:
       return 'native'
     problems.append(reason)

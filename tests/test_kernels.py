@@ -17,6 +17,7 @@ import pytest
 from cider_jax import configuration, losses, spec
 from cider_jax.kernels import attention as native
 from cider_jax.kernels import gru as native_gru
+from cider_jax.kernels import library
 from cider_jax.models import cider, mct
 from configs import default
 from tests.helpers import tiny
@@ -26,7 +27,7 @@ RTOL, ATOL = 2e-5, 2e-6
 
 
 def test_kernels_build_here():
-  ok, reason = native.available()
+  ok, reason = library.available()
   assert ok, f'the native kernels need a C++17 compiler: {reason}'
 
 
@@ -291,9 +292,9 @@ def test_no_compiler_falls_back_with_a_note(tmp_path):
   """A failed build: available() says why, 'auto' uses xla with a note, 'native' is an error."""
   code = (
       'import sys\n'
-      'from cider_jax.kernels import attention\n'
+      'from cider_jax.kernels import library\n'
       'from cider_jax import spec\n'
-      'ok, reason = attention.available()\n'
+      'ok, reason = library.available()\n'
       'assert not ok and "could not build" in reason, reason\n'
       'assert spec.resolve_kernels("auto", 4) == "xla"\n'
       'try:\n'
@@ -315,7 +316,7 @@ def test_no_compiler_falls_back_with_a_note(tmp_path):
 def test_kernel_library_is_cached(tmp_path):
   """The first use builds the library into the cache; a second process loads it as is."""
   env = dict(os.environ, CIDER_JAX_KERNEL_CACHE=str(tmp_path), PYTHONPATH=ROOT)
-  code = 'from cider_jax.kernels import attention; assert attention.available()[0]'
+  code = 'from cider_jax.kernels import library; assert library.available()[0]'
   for _ in range(2):
     subprocess.run([sys.executable, '-c', code], env=env, check=True, cwd=ROOT, timeout=300)
     libs = list(tmp_path.glob('kernels-*.so'))

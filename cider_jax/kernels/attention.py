@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cider_jax.kernels.library import available, f32 as _f32  # noqa: F401 (re-exported)
+from cider_jax.kernels.library import f32 as _f32
 
 HEAD_SIZES = (1, 2, 4, 8, 16, 32)
 

@@ -24,8 +24,8 @@
 // (GCC vector extensions: AVX-512 where -march=native has it, narrower vectors elsewhere);
 // the items are shared among XLA's intra-op threads.
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
@@ -87,6 +87,29 @@ void transpose_queries(const float* q, int T, int D, int Tp, float* qt) {
     for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * Tp + t] = q[t * D + d];
 }
 
+// The inverse of transpose_queries: (D, Tp) back to the first T rows of (T, D).
+void untranspose_queries(const float* qt, int T, int D, int Tp, float* q) {
+  for (int t = 0; t < T; ++t)
+    for (int d = 0; d < D; ++d) q[t * D + d] = qt[static_cast<size_t>(d) * Tp + t];
+}
+
+// out[r] = the sum of the W lanes of acc[r] for r < rows (acc is (rows, W)).
+void reduce_lanes(const float* acc, int rows, float* out) {
+  for (int r = 0; r < rows; ++r) {
+    float sum = 0.0f;
+    for (int l = 0; l < W; ++l) sum += acc[static_cast<size_t>(r) * W + l];
+    out[r] = sum;
+  }
+}
+
+// Σ_d qd[d]·key[d] for W queries at once (qd[d]: component d of each lane's query).
+template <int D>
+inline vf dot_lanes(const vf* qd, const float* key) {
+  vf s = qd[0] * key[0];
+  for (int d = 1; d < D; ++d) s = s + qd[d] * key[d];
+  return s;
+}
+
 template <int D>
 void forward_item(const float* q, const float* k, const float* v, int T, int S, int Lb,
                   int item, int items, float* m, float* z, float* n, std::vector<float>& buf) {
@@ -103,18 +126,12 @@ void forward_item(const float* q, const float* k, const float* v, int T, int S, 
       vf qd[D];
       for (int d = 0; d < D; ++d) qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
       vf mx = splat(-__builtin_inff());
-      for (int key = 0; key < Lb; ++key) {
-        vf s = qd[0] * kb[key * D];
-        for (int d = 1; d < D; ++d) s = s + qd[d] * kb[key * D + d];
-        mx = vmax(mx, s);
-      }
+      for (int key = 0; key < Lb; ++key) mx = vmax(mx, dot_lanes<D>(qd, kb + key * D));
       vf zs = splat(0.0f);
       vf ns[D];
       for (int d = 0; d < D; ++d) ns[d] = splat(0.0f);
       for (int key = 0; key < Lb; ++key) {
-        vf s = qd[0] * kb[key * D];
-        for (int d = 1; d < D; ++d) s = s + qd[d] * kb[key * D + d];
-        vf e = exp_nonpositive(s - mx);
+        const vf e = exp_nonpositive(dot_lanes<D>(qd, kb + key * D) - mx);
         zs = zs + e;
         for (int d = 0; d < D; ++d) ns[d] = ns[d] + e * vb[key * D + d];
       }
@@ -167,14 +184,8 @@ void backward_item(const float* q, const float* k, const float* v, const float* 
       for (int key = 0; key < Lb; ++key) {
         const float* kk = kb + key * D;
         const float* vk = vb + key * D;
-        vf s = qd[0] * kk[0];
-        vf g = gd[0] * vk[0];
-        for (int d = 1; d < D; ++d) {
-          s = s + qd[d] * kk[d];
-          g = g + gd[d] * vk[d];
-        }
-        const vf e = exp_nonpositive(s - mx);
-        const vf ds = e * (g + dzv);
+        const vf e = exp_nonpositive(dot_lanes<D>(qd, kk) - mx);
+        const vf ds = e * (dot_lanes<D>(gd, vk) + dzv);
         float* dkk = dka + static_cast<size_t>(key) * D * W;
         float* dvk = dva + static_cast<size_t>(key) * D * W;
         for (int d = 0; d < D; ++d) {
@@ -188,30 +199,10 @@ void backward_item(const float* q, const float* k, const float* v, const float* 
         store(out, load(out) + dqd[d]);
       }
     }
-    float* dkb = dk + static_cast<size_t>(j) * Lb * D;
-    float* dvb = dv + static_cast<size_t>(j) * Lb * D;
-    for (int key = 0; key < Lb; ++key)
-      for (int d = 0; d < D; ++d) {
-        const float* a = dka + (static_cast<size_t>(key) * D + d) * W;
-        const float* b = dva + (static_cast<size_t>(key) * D + d) * W;
-        float sa = 0.0f, sb = 0.0f;
-        for (int l = 0; l < W; ++l) {
-          sa += a[l];
-          sb += b[l];
-        }
-        dkb[key * D + d] = sa;
-        dvb[key * D + d] = sb;
-      }
+    reduce_lanes(dka, Lb * D, dk + static_cast<size_t>(j) * Lb * D);
+    reduce_lanes(dva, Lb * D, dv + static_cast<size_t>(j) * Lb * D);
   }
-  for (int t = 0; t < T; ++t)
-    for (int d = 0; d < D; ++d) dq[t * D + d] = dqt[static_cast<size_t>(d) * Tp + t];
-}
-
-template <int D>
-inline vf dot_lanes(const vf* qd, const float* key) {
-  vf s = qd[0] * key[0];
-  for (int d = 1; d < D; ++d) s = s + qd[d] * key[d];
-  return s;
+  untranspose_queries(dqt, T, D, Tp, dq);
 }
 
 template <int D>
@@ -294,15 +285,8 @@ void kl_backward_item(const float* qa, const float* ka, const float* qb, const f
     }
     for (int d = 0; d < D; ++d) store(dqt + static_cast<size_t>(d) * Tp + t0, dqd[d]);
   }
-  for (int key = 0; key < S; ++key)
-    for (int d = 0; d < D; ++d) {
-      const float* a = dka + (static_cast<size_t>(key) * D + d) * W;
-      float sum = 0.0f;
-      for (int l = 0; l < W; ++l) sum += a[l];
-      dkb[key * D + d] = sum;
-    }
-  for (int t = 0; t < T; ++t)
-    for (int d = 0; d < D; ++d) dqb[t * D + d] = dqt[static_cast<size_t>(d) * Tp + t];
+  reduce_lanes(dka, S * D, dkb);
+  untranspose_queries(dqt, T, D, Tp, dqb);
 }
 
 // 3. GRU recurrence, torch gate order r|z|n, initial state 0. For item (m, b) and step t,

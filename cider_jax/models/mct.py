@@ -94,7 +94,7 @@ def _block_stats(q, k, v, block_len, kernel='xla'):
   """Lists over the key blocks L, A, V of m_j, z_j (B, H, T) and n_j (B, H, T, D).
 
   kernel 'xla': the jnp form above; 'native': the same statistics from one CPU kernel call
-  (cider_jax.kernels.block_softmax), forward and backward.
+  (cider_jax.kernels.attention.block_stats), forward and backward.
   """
   if kernel == 'native':
     m, z, n = native_attention.block_stats(q, k, v, block_len)
