@@ -67,8 +67,10 @@ def _text_encoder_passes(config, model, bert_config):
   and of the student (about half the tokens [UNK]), with the step's dtype and dropout."""
   import jax
   import jax.numpy as jnp
-  from cider_jax.models.bert import BertEncoder
-  encoder = BertEncoder(bert_config, model.bert_layers, model.dtype)
+  from cider_jax.models.bert import BertEncoder, attention_kernel
+  # the step's BERT, self-attention kernel included
+  encoder = BertEncoder(bert_config, model.bert_layers, model.dtype,
+                        attention_kernel(model.kernels, bert_config))
 
   def loss(params, ids, mask, segments, key):
     h = encoder.apply({'params': params}, ids, mask, segments,

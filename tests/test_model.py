@@ -12,7 +12,7 @@ from cider_jax import spec as spec_lib
 from cider_jax.models import bert
 from cider_jax.models.bert import BertConfig
 from cider_jax.models.cider import CIDer
-from cider_jax.models.wsam import WSAM, wsam_mask
+from cider_jax.models.wsam import WSAM, wsam_mask, wsam_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_BERT = BertConfig(vocab_size=128, hidden_size=48, num_hidden_layers=2, num_attention_heads=2,
@@ -126,15 +126,16 @@ def test_wsam_rows_of_cls_sep_and_padding_are_bias_only():
   rng = np.random.RandomState(0)
   t, a = rng.randn(B, L, E).astype(np.float32), rng.randn(B, La, E).astype(np.float32)
   w = WSAM(E)
-  params = w.init(jax.random.PRNGKey(0), t, a, M)
-  out = np.asarray(w.apply(params, t, a, M))
+  rows = wsam_rows(jnp.asarray(tmask), jnp.asarray(lens))
+  params = w.init(jax.random.PRNGKey(0), t, a, rows, amask)
+  out = np.asarray(w.apply(params, t, a, rows, amask))
   bias = np.asarray(params['params']['out']['bias'])
   np.testing.assert_allclose(out[0, 0], bias, atol=1e-6)
   np.testing.assert_allclose(out[1, lens[1] - 1], bias, atol=1e-6)
   # changing padded audio frames does not change anything
   a2 = a.copy()
   a2[amask == 0] = 100.0
-  np.testing.assert_allclose(w.apply(params, t, a2, M), out, atol=1e-6)
+  np.testing.assert_allclose(w.apply(params, t, a2, rows, amask), out, atol=1e-6)
 
 
 @pytest.mark.parametrize('aligned', [False, True])

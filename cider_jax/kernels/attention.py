@@ -6,6 +6,9 @@
 - `attention_kl(q_t, k_t, q_s, k_s)`: per query row, KL(softmax(q_t k_tᵀ) ‖ softmax(q_s k_sᵀ)),
   differentiated on the student side only (losses.attention_kl is the XLA form, given the
   scores).
+- `masked_attention(q, k, v, bias, seed, ...)`: softmax attention with an additive key bias
+  and optional hashed dropout of the weights, on the (batch, length, heads, head size) layout
+  of the projections (BERT self-attention, WSAM).
 
 Forward and backward are one pass each over the scores, which are recomputed, never stored.
 
@@ -101,3 +104,45 @@ def _attention_kl_bwd(res, dkl):
 
 
 attention_kl.defvjp(_kl_forward, _attention_kl_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def masked_attention(q, k, v, bias, seed, scale: float, threshold: int, keep_prob: float):
+  """q (G, T, H, D), k, v (G, S, H, D), bias (G, S) additive, seed uint32 (2,): → (G, T, H, D).
+
+  out[g, t, h] = Σ_s p_ts · keep_ts / keep_prob · v[g, s, h], p = softmax_s(scale·q·k + bias),
+  keep_ts = hashed dropout bits (models.dropout.hashed_bits of `seed`, flat index over the
+  (G, H, T, S) weights) >= threshold; threshold 0: no dropout. Differentiable in q, k, v (the
+  bias and the seed are constants). float32.
+  """
+  return _masked_forward(q, k, v, bias, seed, scale, threshold, keep_prob)[0]
+
+
+def _masked_call(target, results, args, scale, threshold, keep_prob):
+  return jax.ffi.ffi_call(target, results)(
+      *args, scale=np.float32(scale), threshold=np.int64(threshold),
+      keep_prob=np.float32(keep_prob))
+
+
+def _masked_forward(q, k, v, bias, seed, scale, threshold, keep_prob):
+  G, T, H, _ = q.shape
+  out, m, z = _masked_call('cider_masked_attention_forward',
+                           (_f32(q.shape), _f32((G, H, T)), _f32((G, H, T))),
+                           (q, k, v, bias, seed.astype(jnp.uint32)), scale, threshold, keep_prob)
+  return out, (q, k, v, bias, seed, m, z, out)
+
+
+def _masked_fwd(q, k, v, bias, seed, scale, threshold, keep_prob):
+  return _masked_forward(q, k, v, bias, seed, scale, threshold, keep_prob)
+
+
+def _masked_bwd(scale, threshold, keep_prob, res, dout):
+  q, k, v, bias, seed, m, z, out = res
+  dq, dk, dv = _masked_call('cider_masked_attention_backward',
+                            (_f32(q.shape), _f32(k.shape), _f32(v.shape)),
+                            (q, k, v, bias, seed.astype(jnp.uint32), m, z, out, dout),
+                            scale, threshold, keep_prob)
+  return dq, dk, dv, jnp.zeros_like(bias), None
+
+
+masked_attention.defvjp(_masked_fwd, _masked_bwd)

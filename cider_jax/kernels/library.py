@@ -24,7 +24,9 @@ _TARGETS = {'cider_block_softmax_forward': 'CiderBlockSoftmaxForward',
             'cider_attention_kl_forward': 'CiderAttentionKlForward',
             'cider_attention_kl_backward': 'CiderAttentionKlBackward',
             'cider_gru_forward': 'CiderGruForward',
-            'cider_gru_backward': 'CiderGruBackward'}
+            'cider_gru_backward': 'CiderGruBackward',
+            'cider_masked_attention_forward': 'CiderMaskedAttentionForward',
+            'cider_masked_attention_backward': 'CiderMaskedAttentionBackward'}
 
 
 def _cpu_signature() -> str:

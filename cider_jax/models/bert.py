@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cider_jax.models import matmul
+from cider_jax.kernels import attention as native_attention
+from cider_jax.models import dropout, matmul
 from cider_jax.models.dropout import Dropout
 
 PACKAGE_PREFIX = 'package:'
@@ -48,6 +49,13 @@ class BertConfig:
     if act != 'gelu':
       raise ValueError(f'unsupported hidden_act {act!r} in BERT config (only exact "gelu")')
     return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def attention_kernel(kernels: str, config: BertConfig) -> str:
+  """The self-attention kernel under the model's resolved kernels ('native' or 'xla'):
+  native where its head size is one the kernel has (kernels.attention.HEAD_SIZES)."""
+  head_size = config.hidden_size // config.num_attention_heads
+  return 'native' if kernels == 'native' and native_attention.supports(head_size) else 'xla'
 
 
 def gelu(x):
@@ -83,6 +91,7 @@ class BertEmbeddings(nn.Module):
 class BertSelfAttention(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
+  kernel: str = 'xla'   # 'native': one CPU kernel call (kernels.attention.masked_attention)
 
   @nn.compact
   def __call__(self, x, mask_bias, deterministic: bool):
@@ -94,6 +103,18 @@ class BertSelfAttention(nn.Module):
                                       kernel_init=nn.initializers.normal(0.02))
     split = lambda t: t.reshape(t.shape[:2] + (nh, hd))
     q, k, v = (split(dense(n)(x)) for n in ('query', 'key', 'value'))
+    if self.kernel == 'native':
+      # the same weights, dropout bits included, without the (B, nh, L, L) arrays in memory
+      rate = c.attention_probs_dropout_prob
+      seed, thr = jnp.zeros((2,), jnp.uint32), 0
+      if rate > 0 and not deterministic:
+        seed, thr = Dropout(rate).seed(), dropout.threshold(rate)
+      ctx = native_attention.masked_attention(
+          *(t.astype(jnp.float32) for t in (q, k, v)), mask_bias[:, 0, 0, :], seed,
+          float(1 / np.sqrt(hd)), thr, float(np.float32(1.0 - rate)))
+      return ctx.astype(self.dtype).reshape(x.shape[:2] + (c.hidden_size,))
+    if self.kernel != 'xla':
+      raise ValueError(f"BERT attention kernel must be 'xla' or 'native', got {self.kernel!r}")
     # the attention products are ~2 % of the layer's FLOPs: float32 in both modes
     scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(hd).astype(np.float32)
     scores = scores.astype(jnp.float32) + mask_bias
@@ -122,21 +143,24 @@ class BertDenseOutput(nn.Module):
 class BertAttention(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
+  kernel: str = 'xla'
 
   @nn.compact
   def __call__(self, x, mask_bias, deterministic: bool):
-    h = BertSelfAttention(self.config, self.dtype, name='self')(x, mask_bias, deterministic)
+    h = BertSelfAttention(self.config, self.dtype, self.kernel, name='self')(
+        x, mask_bias, deterministic)
     return BertDenseOutput(self.config, self.dtype, name='output')(h, x, deterministic)
 
 
 class BertLayer(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
+  kernel: str = 'xla'
 
   @nn.compact
   def __call__(self, x, mask_bias, deterministic: bool):
     c = self.config
-    x = BertAttention(c, self.dtype, name='attention')(x, mask_bias, deterministic)
+    x = BertAttention(c, self.dtype, self.kernel, name='attention')(x, mask_bias, deterministic)
     h = matmul.Dense(c.intermediate_size, self.dtype, name='intermediate',
                      kernel_init=nn.initializers.normal(0.02))(x)
     h = gelu(h)
@@ -148,6 +172,7 @@ class BertEncoder(nn.Module):
   config: BertConfig
   num_layers: int = 0          # use only the first k layers (0: all)
   dtype: Any = jnp.float32
+  kernel: str = 'xla'          # self-attention: 'xla' or 'native' (see attention_kernel)
 
   @nn.compact
   def __call__(self, ids, mask, segments, deterministic: bool = True):
@@ -161,7 +186,8 @@ class BertEncoder(nn.Module):
     if n > c.num_hidden_layers:
       raise ValueError(f'num_layers={n} exceeds the {c.num_hidden_layers} layers of the BERT config')
     for i in range(n):
-      x = BertLayer(c, self.dtype, name=f'encoder_layer_{i}')(x, mask_bias, deterministic)
+      x = BertLayer(c, self.dtype, self.kernel, name=f'encoder_layer_{i}')(
+          x, mask_bias, deterministic)
     return x.astype(jnp.float32)
 
 

@@ -17,11 +17,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cider_jax.kernels import attention as native_attention
 from cider_jax.kernels import gru as native_gru
-from cider_jax.models.bert import BertConfig, BertEncoder
+from cider_jax.models.bert import BertConfig, BertEncoder, attention_kernel
 from cider_jax.models.mcm import MCM, AttentionPool, JointRep
 from cider_jax.models.mct import MCT
-from cider_jax.models.wsam import WSAM, wsam_mask
+from cider_jax.models.wsam import WSAM, wsam_rows
 
 
 class GRUWeights(nn.Module):
@@ -102,7 +103,8 @@ class CIDer(nn.Module):
     text_mask = inputs['text_mask'].astype(jnp.float32)
     audio_mask = inputs['audio_mask'].astype(jnp.float32)
     vision_mask = inputs['vision_mask'].astype(jnp.float32)
-    h_text = BertEncoder(self.bert, self.bert_layers, self.dtype, name='text_encoder')(
+    h_text = BertEncoder(self.bert, self.bert_layers, self.dtype,
+                         attention_kernel(self.kernels, self.bert), name='text_encoder')(
         inputs['text_ids'], text_mask, inputs['text_segments'], deterministic)
 
     proj = lambda name: nn.Dense(E, use_bias=False, name=name)
@@ -110,16 +112,18 @@ class CIDer(nn.Module):
     x_a = proj('proj_a')(inputs['audio'])
     x_v = proj('proj_v')(inputs['vision'])
 
-    wsam_a = WSAM(E, name='wsam_a')
-    wsam_v = WSAM(E, name='wsam_v')
+    wsam_kernel = self.kernels if native_attention.supports(E) else 'xla'
+    wsam_a = WSAM(E, wsam_kernel, name='wsam_a')
+    wsam_v = WSAM(E, wsam_kernel, name='wsam_v')
     if self.aligned:
       if self.is_initializing():   # the original holds (and counts) WSAM weights in aligned mode
-        wsam_a(x_l, x_a, jnp.ones(x_a.shape[:1] + (L, x_a.shape[1])))
-        wsam_v(x_l, x_v, jnp.ones(x_v.shape[:1] + (L, x_v.shape[1])))
+        wsam_a(x_l, x_a, jnp.ones(x_l.shape[:2]), jnp.ones(x_a.shape[:2]))
+        wsam_v(x_l, x_v, jnp.ones(x_l.shape[:2]), jnp.ones(x_v.shape[:2]))
     else:
       lengths = jnp.sum(text_mask, axis=1).astype(jnp.int32)
-      x_a = wsam_a(x_l, x_a, wsam_mask(text_mask, audio_mask, lengths))
-      x_v = wsam_v(x_l, x_v, wsam_mask(text_mask, vision_mask, lengths))
+      rows = wsam_rows(text_mask, lengths)
+      x_a = wsam_a(x_l, x_a, rows, audio_mask)
+      x_v = wsam_v(x_l, x_v, rows, vision_mask)
 
     # the three modality GRUs share one scan over the L word positions
     weights = [GRUWeights(E, name=f'gru_{m}')(E) for m in 'lav']

@@ -23,20 +23,29 @@ def _lowbias32(x):
   return x ^ (x >> 16)
 
 
+def seed_words(key) -> jax.Array:
+  """The two uint32 words (s0, s1) of a dropout call, drawn from its key."""
+  return jax.random.bits(key, (2,), jnp.uint32)
+
+
+def threshold(rate: float) -> int:
+  """Dropped when the bits are below this (rate · 2^32, at most 2^32 − 1)."""
+  return min(int(round(rate * 2.0 ** 32)), (1 << 32) - 1)
+
+
 def hashed_bits(key, shape) -> jax.Array:
-  """uint32 bits of `shape`: element i gets h(h(i + s0) ^ s1), (s0, s1) drawn from `key`."""
+  """uint32 bits of `shape`: element i gets h(h(i + s0) ^ s1), (s0, s1) = seed_words(key)."""
   size = int(np.prod(shape))
   if size >= 1 << 32:
     raise ValueError(f'hashed_bits: {size} elements do not fit a 32-bit counter')
-  seed = jax.random.bits(key, (2,), jnp.uint32)
+  seed = seed_words(key)
   index = jax.lax.iota(jnp.uint32, size).reshape(shape)
   return _lowbias32(_lowbias32(index + seed[0]) ^ seed[1])
 
 
 def keep_mask(key, rate: float, shape) -> jax.Array:
   """Bool mask of `shape`, True with probability 1 − rate (to 2^-32)."""
-  threshold = min(int(round(rate * 2.0 ** 32)), (1 << 32) - 1)
-  return hashed_bits(key, shape) >= jnp.uint32(threshold)
+  return hashed_bits(key, shape) >= jnp.uint32(threshold(rate))
 
 
 class Dropout(nn.Module):
@@ -51,3 +60,8 @@ class Dropout(nn.Module):
       return jnp.zeros_like(x)
     keep = keep_mask(self.make_rng('dropout'), self.rate, x.shape)
     return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
+
+  def seed(self) -> jax.Array:
+    """The seed words that __call__ would draw (same module path, same key), for a kernel
+    that applies this dropout itself (kernels.attention.masked_attention)."""
+    return seed_words(self.make_rng('dropout'))
