@@ -324,3 +324,139 @@ def test_kernel_library_is_cached(tmp_path):
     if _ == 0:
       first = libs[0].stat().st_mtime_ns
   assert libs[0].stat().st_mtime_ns == first
+
+
+# ------------------------------------------------------------------ masked attention
+
+def _hash_keep(seed, shape, threshold):
+  """float64 keep mask of the hashed dropout, from its definition (models.dropout)."""
+  def lowbias32(x):
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x7FEB352D)) & np.uint64(0xFFFFFFFF)
+    x = x ^ (x >> np.uint64(15))
+    x = (x * np.uint64(0x846CA68B)) & np.uint64(0xFFFFFFFF)
+    return x ^ (x >> np.uint64(16))
+  index = np.arange(int(np.prod(shape)), dtype=np.uint64).reshape(shape)
+  s0, s1 = (np.uint64(int(w)) for w in seed)
+  bits = lowbias32(lowbias32((index + s0) & np.uint64(0xFFFFFFFF)) ^ s1)
+  return (bits >= np.uint64(threshold)).astype(np.float64)
+
+
+def _masked_reference(q, k, v, bias, keep, scale, keep_prob, dout):
+  """float64 out (G, T, H, D) and dq, dk, dv of Σ dout·out; keep (G, H, T, S) 0/1."""
+  q, k, v, bias, dout = (np.asarray(t, np.float64) for t in (q, k, v, bias, dout))
+  s = scale * np.einsum('gthd,gshd->ghts', q, k) + bias[:, None, None, :]
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  w = p * keep / keep_prob
+  out = np.einsum('ghts,gshd->gthd', w, v)
+  dw = np.einsum('gthd,gshd->ghts', dout, v)
+  dp = dw * keep / keep_prob
+  ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+  dq = scale * np.einsum('ghts,gshd->gthd', ds, k)
+  dk = scale * np.einsum('ghts,gthd->gshd', ds, q)
+  dv = np.einsum('ghts,gthd->gshd', w, dout)
+  return out, (dq, dk, dv)
+
+
+# (G, T, S, H, D, dropout rate): lengths off the 16 lanes, one and several heads, the BERT
+# (12 heads of 32, 50 tokens, dropout 0.1) and WSAM (one head, 375 frames) shapes
+MASKED_CASES = [(3, 7, 19, 3, 4, 0.3), (2, 21, 5, 2, 24, 0.0), (2, 50, 50, 12, 32, 0.1),
+                (4, 50, 375, 1, 32, 0.0), (2, 17, 33, 4, 8, 0.5), (1, 3, 2, 1, 1, 0.0)]
+
+
+@pytest.mark.parametrize('G,T,S,H,D,rate', MASKED_CASES)
+def test_masked_attention_and_its_gradient_match_float64(G, T, S, H, D, rate):
+  from cider_jax.models import dropout
+  rng = np.random.default_rng(G * T * S + D)
+  q, k, v = (rng.normal(size=(G, n, H, D)).astype(np.float32) for n in (T, S, S))
+  valid = rng.random((G, S)) > 0.3
+  valid[:, 0] = True
+  # both forms of "masked" the model uses: BERT's finfo.min and WSAM's -1e30
+  off = np.where(np.arange(G)[:, None] % 2 == 0, np.finfo(np.float32).min, -1e30)
+  bias = np.where(valid, 0.0, off).astype(np.float32)
+  seed = np.array([2654435761, 40503], np.uint32)
+  thr = dropout.threshold(rate) if rate else 0
+  keep_prob = float(np.float32(1.0 - rate))
+  keep = _hash_keep(seed, (G, H, T, S), thr)
+  if rate:
+    assert 0.5 * rate < 1 - keep.mean() < 1.5 * rate   # the dropout is really on
+  dout = rng.normal(size=(G, T, H, D)).astype(np.float32)
+  scale = float(np.float32(D ** -0.5))
+  out_ref, grads_ref = _masked_reference(q, k, v, bias, keep, scale, keep_prob, dout)
+  fn = lambda q, k, v: native.masked_attention(q, k, v, jnp.asarray(bias), jnp.asarray(seed),
+                                               scale, thr, keep_prob)
+  out, vjp = jax.vjp(fn, *(jnp.asarray(t) for t in (q, k, v)))
+  _close(out, out_ref, 'out')
+  for name, g, g_ref in zip(('dq', 'dk', 'dv'), vjp(jnp.asarray(dout)), grads_ref):
+    _close(g, g_ref, name)
+
+
+def test_masked_attention_rejects_mismatched_shapes():
+  q = jnp.ones((2, 5, 3, 4))
+  k = jnp.ones((2, 6, 3, 4))
+  with pytest.raises(Exception, match='bias'):
+    native.masked_attention(q, k, k, jnp.zeros((2, 5)), jnp.zeros((2,), jnp.uint32), 1.0, 0, 1.0)
+  with pytest.raises(Exception, match='disagree in G, H or D'):
+    native.masked_attention(q, k[:, :, :2], k[:, :, :2], jnp.zeros((2, 6)),
+                            jnp.zeros((2,), jnp.uint32), 1.0, 0, 1.0)
+
+
+def test_bert_native_attention_equals_xla_with_dropout():
+  """Same weights and dropout bits: the native kernel draws the seed words that the XLA
+  form's Dropout module draws (same module path, same key)."""
+  from cider_jax.models.bert import BertConfig, BertEncoder
+  bc = BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=128, max_position_embeddings=32)
+  B, L = 3, 21
+  rng = np.random.RandomState(0)
+  ids = jnp.asarray(rng.randint(1, 64, size=(B, L)))
+  mask = jnp.asarray((np.arange(L)[None] < np.array([21, 9, 4])[:, None]).astype(np.float32))
+  seg = jnp.zeros((B, L), jnp.int32)
+  params = BertEncoder(bc).init(jax.random.PRNGKey(0), ids, mask, seg)['params']
+  w = jnp.asarray(rng.randn(B, L, 64).astype(np.float32))
+  results = {}
+  for kernel in ('native', 'xla'):
+    enc = BertEncoder(bc, kernel=kernel)
+    def loss(p, enc=enc):
+      h = enc.apply({'params': p}, ids, mask, seg, deterministic=False,
+                    rngs={'dropout': jax.random.PRNGKey(5)})
+      return jnp.sum(h * w), h
+    results[kernel] = jax.jit(jax.grad(loss, has_aux=True))(params)
+  (g_n, h_n), (g_x, h_x) = results['native'], results['xla']
+  _close(h_n, h_x, 'hidden states')
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_x))
+  for (path, a), b_ in zip(jax.tree_util.tree_leaves_with_path(g_n), jax.tree.leaves(g_x)):
+    np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+  # and the dropout is on: another key changes the output
+  other = BertEncoder(bc, kernel='native').apply({'params': params}, ids, mask, seg,
+                                                 deterministic=False,
+                                                 rngs={'dropout': jax.random.PRNGKey(6)})
+  assert float(jnp.max(jnp.abs(other - h_n))) > 1e-2
+
+
+def test_wsam_native_equals_xla_with_empty_rows_and_keys():
+  from cider_jax.models.wsam import WSAM, wsam_rows
+  B, L, Lo, E = 4, 9, 23, 32
+  rng = np.random.RandomState(1)
+  lens = np.array([9, 5, 3, 7])
+  tmask = (np.arange(L)[None] < lens[:, None]).astype(np.float32)
+  cols = (np.arange(Lo)[None] < np.array([23, 11, 1, 0])[:, None]).astype(np.float32)
+  rows = wsam_rows(jnp.asarray(tmask), jnp.asarray(lens))
+  t, o = rng.randn(B, L, E).astype(np.float32), rng.randn(B, Lo, E).astype(np.float32)
+  params = WSAM(E).init(jax.random.PRNGKey(0), t, o, rows, cols)
+  w = jnp.asarray(rng.randn(B, L, E).astype(np.float32))
+  res = {}
+  for kernel in ('native', 'xla'):
+    f = lambda p, t, o, m=WSAM(E, kernel): jnp.sum(m.apply(p, t, o, rows, cols) * w)
+    res[kernel] = (WSAM(E, kernel).apply(params, t, o, rows, cols),
+                   jax.grad(f, argnums=(0, 1, 2))(params, t, o))
+  _close(res['native'][0], res['xla'][0], 'out')
+  bias = np.asarray(params['params']['out']['bias'])
+  np.testing.assert_allclose(res['native'][0][3], np.broadcast_to(bias, (L, E)), atol=1e-6)
+  # one absolute tolerance scaled by the largest gradient: the key bias's is zero in exact
+  # arithmetic (a softmax ignores a shift of every score), round-off in both forms
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(res['xla'][1]))
+  for a, b_ in zip(jax.tree.leaves(res['native'][1]), jax.tree.leaves(res['xla'][1])):
+    np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5 * scale)

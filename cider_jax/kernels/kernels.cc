@@ -671,8 +671,9 @@ ffi::Error dispatch_d(int D, F&& f) {
     case 4: f(std::integral_constant<int, 4>{}); break;
     case 8: f(std::integral_constant<int, 8>{}); break;
     case 16: f(std::integral_constant<int, 16>{}); break;
+    case 24: f(std::integral_constant<int, 24>{}); break;
     case 32: f(std::integral_constant<int, 32>{}); break;
-    default: return ffi::Error::InvalidArgument("cider attention kernel: head size must be 1, 2, 4, 8, 16 or 32");
+    default: return ffi::Error::InvalidArgument("cider attention kernel: head size must be 1, 2, 4, 8, 16, 24 or 32");
   }
   return ffi::Error::Success();
 }
