@@ -10,7 +10,9 @@
   and optional hashed dropout of the weights, on the (batch, length, heads, head size) layout
   of the projections (BERT self-attention, WSAM).
 
-Forward and backward are one pass each over the scores, which are recomputed, never stored.
+The scores are recomputed in each pass, never stored: one pass forward and one backward for
+the first two, one forward and two backward (queries, then keys in the vector lanes) for the
+third.
 
 Built and loaded by cider_jax.kernels.library; model.kernels chooses them.
 """
@@ -27,6 +29,12 @@ HEAD_SIZES = (1, 2, 4, 8, 16, 24, 32)
 
 def supports(head_size: int) -> bool:
   return head_size in HEAD_SIZES
+
+
+def kernel_for(kernels: str, head_size: int) -> str:
+  """An attention's kernel under the model's resolved kernels ('native' or 'xla'): native
+  where its head size is one the kernels have."""
+  return 'native' if kernels == 'native' and supports(head_size) else 'xla'
 
 
 def _flat(t):
@@ -126,23 +134,19 @@ def _masked_call(target, results, args, scale, threshold, keep_prob):
 
 def _masked_forward(q, k, v, bias, seed, scale, threshold, keep_prob):
   G, T, H, _ = q.shape
+  seed = seed.astype(jnp.uint32)
   out, m, z = _masked_call('cider_masked_attention_forward',
                            (_f32(q.shape), _f32((G, H, T)), _f32((G, H, T))),
-                           (q, k, v, bias, seed.astype(jnp.uint32)), scale, threshold, keep_prob)
+                           (q, k, v, bias, seed), scale, threshold, keep_prob)
   return out, (q, k, v, bias, seed, m, z, out)
-
-
-def _masked_fwd(q, k, v, bias, seed, scale, threshold, keep_prob):
-  return _masked_forward(q, k, v, bias, seed, scale, threshold, keep_prob)
 
 
 def _masked_bwd(scale, threshold, keep_prob, res, dout):
   q, k, v, bias, seed, m, z, out = res
   dq, dk, dv = _masked_call('cider_masked_attention_backward',
                             (_f32(q.shape), _f32(k.shape), _f32(v.shape)),
-                            (q, k, v, bias, seed.astype(jnp.uint32), m, z, out, dout),
-                            scale, threshold, keep_prob)
+                            (q, k, v, bias, seed, m, z, out, dout), scale, threshold, keep_prob)
   return dq, dk, dv, jnp.zeros_like(bias), None
 
 
-masked_attention.defvjp(_masked_fwd, _masked_bwd)
+masked_attention.defvjp(_masked_forward, _masked_bwd)

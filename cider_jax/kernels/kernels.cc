@@ -83,11 +83,18 @@ inline vf exp_nonpositive(vf x) {
 
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 
-// Queries of one item, transposed to (D, Tp) with Tp a multiple of W (padding lanes are 0).
-void transpose_queries(const float* q, int T, int D, int Tp, float* qt) {
-  std::fill(qt, qt + static_cast<size_t>(D) * Tp, 0.0f);
+// Rows x_t (t < T, D values each, row stride `stride`) times `scale`, transposed to (D, Tp)
+// with Tp a multiple of W (padding lanes are 0).
+void transpose_rows(const float* x, int T, int D, int stride, int Tp, float scale, float* xt) {
+  std::fill(xt, xt + static_cast<size_t>(D) * Tp, 0.0f);
   for (int t = 0; t < T; ++t)
-    for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * Tp + t] = q[t * D + d];
+    for (int d = 0; d < D; ++d)
+      xt[static_cast<size_t>(d) * Tp + t] = scale * x[static_cast<size_t>(t) * stride + d];
+}
+
+// Queries of one item (T, D), transposed to (D, Tp).
+void transpose_queries(const float* q, int T, int D, int Tp, float* qt) {
+  transpose_rows(q, T, D, D, Tp, 1.0f, qt);
 }
 
 // The inverse of transpose_queries: (D, Tp) back to the first T rows of (T, D).
@@ -292,184 +299,6 @@ void kl_backward_item(const float* qa, const float* ka, const float* qb, const f
   untranspose_queries(dqt, T, D, Tp, dqb);
 }
 
-// 4. Masked attention. Arrays are (G, T, H, D) for queries and outputs and (G, S, H, D) for
-// keys and values (item i = g·H + h: head h of group g), the key bias is (G, S). Per item:
-//   s_tk = scale·q_t·k_k + bias_k,  p = softmax_k(s),  out_t = Σ_k p_tk·keep_tk/keep_prob·v_k,
-// with keep_tk = [hash(index) >= threshold] (cider_jax.models.dropout's bits of the flat
-// index (i·T + t)·S + k of the (G, H, T, S) weights; threshold 0 keeps everything). The
-// forward pass also writes the row max m and the sum of exponentials z, (G, H, T); the
-// backward pass recomputes p from them: with δ_t = dout_t·out_t,
-//   ds_tk = p_tk (keep_tk/keep_prob·dout_t·v_k − δ_t),  dq_t = scale Σ_k ds_tk k_k,
-//   dk_k = scale Σ_t ds_tk q_t,  dv_k = Σ_t p_tk keep_tk/keep_prob·dout_t.
-typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
-
-inline vu lowbias32(vu x) {
-  x = x ^ (x >> 16);
-  x = x * 0x7FEB352Du;
-  x = x ^ (x >> 15);
-  x = x * 0x846CA68Bu;
-  return x ^ (x >> 16);
-}
-
-struct Drop {
-  uint32_t s0 = 0, s1 = 0, threshold = 0;
-  float scale = 1.0f;  // 1 / keep_prob
-  // weight multipliers (keep/keep_prob or 0) of W lanes whose flat indices are idx
-  inline vf keep(vu idx) const {
-    const vu bits = lowbias32(lowbias32(idx + s0) ^ s1);
-    return bits >= threshold ? splat(scale) : splat(0.0f);
-  }
-};
-
-// Queries (row stride HD) of one item scaled and transposed to (D, Tp); padding lanes 0.
-void gather_queries(const float* q, int T, int D, int HD, int Tp, float scale, float* qt) {
-  std::fill(qt, qt + static_cast<size_t>(D) * Tp, 0.0f);
-  for (int t = 0; t < T; ++t)
-    for (int d = 0; d < D; ++d) qt[static_cast<size_t>(d) * Tp + t] = scale * q[static_cast<size_t>(t) * HD + d];
-}
-
-// dot_lanes with four partial sums (D >= 8): a quarter of the dependency chain.
-template <int D>
-inline vf dot_lanes4(const vf* qd, const float* key) {
-  if constexpr (D < 8) {
-    return dot_lanes<D>(qd, key);
-  } else {
-    vf s0 = qd[0] * key[0], s1 = qd[1] * key[1], s2 = qd[2] * key[2], s3 = qd[3] * key[3];
-    for (int d = 4; d < D; d += 4) {
-      s0 = s0 + qd[d] * key[d];
-      s1 = s1 + qd[d + 1] * key[d + 1];
-      s2 = s2 + qd[d + 2] * key[d + 2];
-      s3 = s3 + qd[d + 3] * key[d + 3];
-    }
-    return (s0 + s1) + (s2 + s3);
-  }
-}
-
-inline vu lane_rows(uint32_t first, uint32_t stride) {
-  vu r;
-  for (int l = 0; l < W; ++l) r[l] = first + static_cast<uint32_t>(l) * stride;
-  return r;
-}
-
-template <int D>
-void masked_forward_item(const float* q, const float* k, const float* v, const float* bias,
-                         int T, int S, int HD, float scale, const Drop& drop, uint32_t base,
-                         float* out, float* m, float* z, std::vector<float>& buf) {
-  const int Tp = (T + W - 1) / W * W;
-  buf.resize(static_cast<size_t>(D) * Tp);
-  float* qt = buf.data();
-  gather_queries(q, T, D, HD, Tp, scale, qt);
-  for (int t0 = 0; t0 < Tp; t0 += W) {
-    vf qd[D];
-    for (int d = 0; d < D; ++d) qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
-    vf mx = splat(-__builtin_inff());
-    for (int key = 0; key < S; ++key)
-      mx = vmax(mx, dot_lanes4<D>(qd, k + static_cast<size_t>(key) * HD) + bias[key]);
-    const vu rows = lane_rows(base + static_cast<uint32_t>(t0) * S, S);
-    vf zs = splat(0.0f);
-    vf ns[D];
-    for (int d = 0; d < D; ++d) ns[d] = splat(0.0f);
-    for (int key = 0; key < S; ++key) {
-      const vf e = exp_nonpositive(dot_lanes4<D>(qd, k + static_cast<size_t>(key) * HD) + bias[key] - mx);
-      zs = zs + e;
-      const vf w = drop.threshold ? e * drop.keep(rows + static_cast<uint32_t>(key)) : e;
-      const float* vk = v + static_cast<size_t>(key) * HD;
-      for (int d = 0; d < D; ++d) ns[d] = ns[d] + w * vk[d];
-    }
-    const vf rz = 1.0f / zs;
-    const int lanes = std::min(W, T - t0);
-    for (int l = 0; l < lanes; ++l) {
-      m[t0 + l] = mx[l];
-      z[t0 + l] = zs[l];
-      for (int d = 0; d < D; ++d) out[static_cast<size_t>(t0 + l) * HD + d] = ns[d][l] * rz[l];
-    }
-  }
-}
-
-// Two passes: dq with the queries in the vector lanes, then dk and dv with the keys in the
-// lanes, so that every accumulator stays in registers or L1.
-template <int D>
-void masked_backward_item(const float* q, const float* k, const float* v, const float* bias,
-                          const float* m, const float* z, const float* out, const float* dout,
-                          int T, int S, int HD, float scale, const Drop& drop, uint32_t base,
-                          float* dq, float* dk, float* dv, std::vector<float>& buf) {
-  const int Tp = (T + W - 1) / W * W, Sp = (S + W - 1) / W * W;
-  // qt, gt (D, Tp); mt, rzt, delta (Tp); kt, vt (D, Sp); bt (Sp)
-  buf.assign(static_cast<size_t>(2 * D + 3) * Tp + static_cast<size_t>(2 * D + 1) * Sp, 0.0f);
-  float* qt = buf.data();
-  float* gt = qt + static_cast<size_t>(D) * Tp;
-  float* mt = gt + static_cast<size_t>(D) * Tp;
-  float* rzt = mt + Tp;
-  float* delta = rzt + Tp;
-  float* kt = delta + Tp;
-  float* vt = kt + static_cast<size_t>(D) * Sp;
-  float* bt = vt + static_cast<size_t>(D) * Sp;
-  gather_queries(q, T, D, HD, Tp, scale, qt);
-  gather_queries(dout, T, D, HD, Tp, 1.0f, gt);
-  gather_queries(k, S, D, HD, Sp, 1.0f, kt);
-  gather_queries(v, S, D, HD, Sp, 1.0f, vt);
-  // padding lanes: queries with q = dout = 0 and 1/z = 0, keys with bias −inf: p = 0 there
-  for (int t = 0; t < T; ++t) {
-    mt[t] = m[t];
-    rzt[t] = 1.0f / z[t];
-    float dot = 0.0f;
-    for (int d = 0; d < D; ++d)
-      dot += dout[static_cast<size_t>(t) * HD + d] * out[static_cast<size_t>(t) * HD + d];
-    delta[t] = dot;
-  }
-  std::copy(bias, bias + S, bt);
-  std::fill(bt + S, bt + Sp, -__builtin_inff());
-  // pass 1: dq_t = scale Σ_k ds_tk k_k
-  for (int t0 = 0; t0 < Tp; t0 += W) {
-    vf qd[D], gd[D], dqd[D];
-    for (int d = 0; d < D; ++d) {
-      qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
-      gd[d] = load(gt + static_cast<size_t>(d) * Tp + t0);
-      dqd[d] = splat(0.0f);
-    }
-    const vf mx = load(mt + t0), rz = load(rzt + t0), dl = load(delta + t0);
-    const vu rows = lane_rows(base + static_cast<uint32_t>(t0) * S, S);
-    for (int key = 0; key < S; ++key) {
-      const float* kk = k + static_cast<size_t>(key) * HD;
-      const vf p = exp_nonpositive(dot_lanes4<D>(qd, kk) + bias[key] - mx) * rz;
-      const vf pk = drop.threshold ? p * drop.keep(rows + static_cast<uint32_t>(key)) : p;
-      const vf ds = pk * dot_lanes4<D>(gd, v + static_cast<size_t>(key) * HD) - p * dl;
-      for (int d = 0; d < D; ++d) dqd[d] = dqd[d] + ds * kk[d];
-    }
-    const int lanes = std::min(W, T - t0);
-    for (int l = 0; l < lanes; ++l)
-      for (int d = 0; d < D; ++d) dq[static_cast<size_t>(t0 + l) * HD + d] = scale * dqd[d][l];
-  }
-  // pass 2: dk_k = scale Σ_t ds_tk q_t, dv_k = Σ_t p_tk keep_tk/keep_prob dout_t
-  for (int s0 = 0; s0 < Sp; s0 += W) {
-    vf kd[D], vd[D], dkd[D], dvd[D];
-    for (int d = 0; d < D; ++d) {
-      kd[d] = load(kt + static_cast<size_t>(d) * Sp + s0);
-      vd[d] = load(vt + static_cast<size_t>(d) * Sp + s0);
-      dkd[d] = dvd[d] = splat(0.0f);
-    }
-    const vf bl = load(bt + s0);
-    const vu cols = lane_rows(base + static_cast<uint32_t>(s0), 1);
-    for (int t = 0; t < T; ++t) {
-      const float* qr = q + static_cast<size_t>(t) * HD;
-      const float* gr = dout + static_cast<size_t>(t) * HD;
-      const vf p = exp_nonpositive(dot_lanes4<D>(kd, qr) * scale + bl - mt[t]) * rzt[t];
-      const vf pk = drop.threshold ? p * drop.keep(cols + static_cast<uint32_t>(t) * S) : p;
-      const vf ds = pk * dot_lanes4<D>(vd, gr) - p * delta[t];
-      for (int d = 0; d < D; ++d) {
-        dkd[d] = dkd[d] + ds * qr[d];
-        dvd[d] = dvd[d] + pk * gr[d];
-      }
-    }
-    const int lanes = std::min(W, S - s0);
-    for (int l = 0; l < lanes; ++l)
-      for (int d = 0; d < D; ++d) {
-        dk[static_cast<size_t>(s0 + l) * HD + d] = scale * dkd[d][l];
-        dv[static_cast<size_t>(s0 + l) * HD + d] = dvd[d][l];
-      }
-  }
-}
-
 // 3. GRU recurrence, torch gate order r|z|n, initial state 0. For item (m, b) and step t,
 //   gh = h W[m] + c[m],  r = σ(gx_r + gh_r),  u = σ(gx_z + gh_z),  n = tanh(gx_n + r·gh_n),
 //   h ← (1 − u) n + u h,
@@ -598,6 +427,177 @@ void gru_backward_item(const float* gx, const float* w, const float* c, const fl
       dh_prev[k] += acc;
     }
     std::copy(dh_prev, dh_prev + H, dh);
+  }
+}
+
+// 4. Masked attention. Arrays are (G, T, H, D) for queries and outputs and (G, S, H, D) for
+// keys and values (item i = g·H + h: head h of group g), the key bias is (G, S). Per item:
+//   s_tk = scale·q_t·k_k + bias_k,  p = softmax_k(s),  out_t = Σ_k p_tk·keep_tk/keep_prob·v_k,
+// with keep_tk = [hash(index) >= threshold] (cider_jax.models.dropout's bits of the flat
+// index (i·T + t)·S + k of the (G, H, T, S) weights; threshold 0 keeps everything). The
+// forward pass also writes the row max m and the sum of exponentials z, (G, H, T); the
+// backward pass recomputes p from them: with δ_t = dout_t·out_t,
+//   ds_tk = p_tk (keep_tk/keep_prob·dout_t·v_k − δ_t),  dq_t = scale Σ_k ds_tk k_k,
+//   dk_k = scale Σ_t ds_tk q_t,  dv_k = Σ_t p_tk keep_tk/keep_prob·dout_t.
+typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
+
+inline vu lowbias32(vu x) {
+  x = x ^ (x >> 16);
+  x = x * 0x7FEB352Du;
+  x = x ^ (x >> 15);
+  x = x * 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+struct Drop {
+  uint32_t s0 = 0, s1 = 0, threshold = 0;
+  float scale = 1.0f;  // 1 / keep_prob
+  // weight multipliers (keep/keep_prob or 0) of W lanes whose flat indices are idx
+  inline vf keep(vu idx) const {
+    const vu bits = lowbias32(lowbias32(idx + s0) ^ s1);
+    return bits >= threshold ? splat(scale) : splat(0.0f);
+  }
+};
+
+// dot_lanes with four partial sums (D >= 8): a quarter of the dependency chain.
+template <int D>
+inline vf dot_lanes4(const vf* qd, const float* key) {
+  if constexpr (D < 8) {
+    return dot_lanes<D>(qd, key);
+  } else {
+    vf s0 = qd[0] * key[0], s1 = qd[1] * key[1], s2 = qd[2] * key[2], s3 = qd[3] * key[3];
+    for (int d = 4; d < D; d += 4) {
+      s0 = s0 + qd[d] * key[d];
+      s1 = s1 + qd[d + 1] * key[d + 1];
+      s2 = s2 + qd[d + 2] * key[d + 2];
+      s3 = s3 + qd[d + 3] * key[d + 3];
+    }
+    return (s0 + s1) + (s2 + s3);
+  }
+}
+
+inline vu lane_rows(uint32_t first, uint32_t stride) {
+  vu r;
+  for (int l = 0; l < W; ++l) r[l] = first + static_cast<uint32_t>(l) * stride;
+  return r;
+}
+
+template <int D>
+void masked_forward_item(const float* q, const float* k, const float* v, const float* bias,
+                         int T, int S, int HD, float scale, const Drop& drop, uint32_t base,
+                         float* out, float* m, float* z, std::vector<float>& buf) {
+  const int Tp = (T + W - 1) / W * W;
+  buf.resize(static_cast<size_t>(D) * Tp);
+  float* qt = buf.data();
+  transpose_rows(q, T, D, HD, Tp, scale, qt);
+  for (int t0 = 0; t0 < Tp; t0 += W) {
+    vf qd[D];
+    for (int d = 0; d < D; ++d) qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
+    vf mx = splat(-__builtin_inff());
+    for (int key = 0; key < S; ++key)
+      mx = vmax(mx, dot_lanes4<D>(qd, k + static_cast<size_t>(key) * HD) + bias[key]);
+    const vu rows = lane_rows(base + static_cast<uint32_t>(t0) * S, S);
+    vf zs = splat(0.0f);
+    vf ns[D];
+    for (int d = 0; d < D; ++d) ns[d] = splat(0.0f);
+    for (int key = 0; key < S; ++key) {
+      const vf e = exp_nonpositive(dot_lanes4<D>(qd, k + static_cast<size_t>(key) * HD) + bias[key] - mx);
+      zs = zs + e;
+      const vf w = drop.threshold ? e * drop.keep(rows + static_cast<uint32_t>(key)) : e;
+      const float* vk = v + static_cast<size_t>(key) * HD;
+      for (int d = 0; d < D; ++d) ns[d] = ns[d] + w * vk[d];
+    }
+    const vf rz = 1.0f / zs;
+    const int lanes = std::min(W, T - t0);
+    for (int l = 0; l < lanes; ++l) {
+      m[t0 + l] = mx[l];
+      z[t0 + l] = zs[l];
+      for (int d = 0; d < D; ++d) out[static_cast<size_t>(t0 + l) * HD + d] = ns[d][l] * rz[l];
+    }
+  }
+}
+
+// Two passes: dq with the queries in the vector lanes, then dk and dv with the keys in the
+// lanes, so that every accumulator stays in registers or L1.
+template <int D>
+void masked_backward_item(const float* q, const float* k, const float* v, const float* bias,
+                          const float* m, const float* z, const float* out, const float* dout,
+                          int T, int S, int HD, float scale, const Drop& drop, uint32_t base,
+                          float* dq, float* dk, float* dv, std::vector<float>& buf) {
+  const int Tp = (T + W - 1) / W * W, Sp = (S + W - 1) / W * W;
+  // qt, gt (D, Tp); mt, rzt, delta (Tp); kt, vt (D, Sp); bt (Sp)
+  buf.assign(static_cast<size_t>(2 * D + 3) * Tp + static_cast<size_t>(2 * D + 1) * Sp, 0.0f);
+  float* qt = buf.data();
+  float* gt = qt + static_cast<size_t>(D) * Tp;
+  float* mt = gt + static_cast<size_t>(D) * Tp;
+  float* rzt = mt + Tp;
+  float* delta = rzt + Tp;
+  float* kt = delta + Tp;
+  float* vt = kt + static_cast<size_t>(D) * Sp;
+  float* bt = vt + static_cast<size_t>(D) * Sp;
+  transpose_rows(q, T, D, HD, Tp, scale, qt);
+  transpose_rows(dout, T, D, HD, Tp, 1.0f, gt);
+  transpose_rows(k, S, D, HD, Sp, 1.0f, kt);
+  transpose_rows(v, S, D, HD, Sp, 1.0f, vt);
+  // padding lanes: queries with q = dout = 0 and 1/z = 0, keys with bias −inf: p = 0 there
+  for (int t = 0; t < T; ++t) {
+    mt[t] = m[t];
+    rzt[t] = 1.0f / z[t];
+    float dot = 0.0f;
+    for (int d = 0; d < D; ++d)
+      dot += dout[static_cast<size_t>(t) * HD + d] * out[static_cast<size_t>(t) * HD + d];
+    delta[t] = dot;
+  }
+  std::copy(bias, bias + S, bt);
+  std::fill(bt + S, bt + Sp, -__builtin_inff());
+  // pass 1: dq_t = scale Σ_k ds_tk k_k
+  for (int t0 = 0; t0 < Tp; t0 += W) {
+    vf qd[D], gd[D], dqd[D];
+    for (int d = 0; d < D; ++d) {
+      qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
+      gd[d] = load(gt + static_cast<size_t>(d) * Tp + t0);
+      dqd[d] = splat(0.0f);
+    }
+    const vf mx = load(mt + t0), rz = load(rzt + t0), dl = load(delta + t0);
+    const vu rows = lane_rows(base + static_cast<uint32_t>(t0) * S, S);
+    for (int key = 0; key < S; ++key) {
+      const float* kk = k + static_cast<size_t>(key) * HD;
+      const vf p = exp_nonpositive(dot_lanes4<D>(qd, kk) + bias[key] - mx) * rz;
+      const vf pk = drop.threshold ? p * drop.keep(rows + static_cast<uint32_t>(key)) : p;
+      const vf ds = pk * dot_lanes4<D>(gd, v + static_cast<size_t>(key) * HD) - p * dl;
+      for (int d = 0; d < D; ++d) dqd[d] = dqd[d] + ds * kk[d];
+    }
+    const int lanes = std::min(W, T - t0);
+    for (int l = 0; l < lanes; ++l)
+      for (int d = 0; d < D; ++d) dq[static_cast<size_t>(t0 + l) * HD + d] = scale * dqd[d][l];
+  }
+  // pass 2: dk_k = scale Σ_t ds_tk q_t, dv_k = Σ_t p_tk keep_tk/keep_prob dout_t
+  for (int s0 = 0; s0 < Sp; s0 += W) {
+    vf kd[D], vd[D], dkd[D], dvd[D];
+    for (int d = 0; d < D; ++d) {
+      kd[d] = load(kt + static_cast<size_t>(d) * Sp + s0);
+      vd[d] = load(vt + static_cast<size_t>(d) * Sp + s0);
+      dkd[d] = dvd[d] = splat(0.0f);
+    }
+    const vf bl = load(bt + s0);
+    const vu cols = lane_rows(base + static_cast<uint32_t>(s0), 1);
+    for (int t = 0; t < T; ++t) {
+      const float* qr = q + static_cast<size_t>(t) * HD;
+      const float* gr = dout + static_cast<size_t>(t) * HD;
+      const vf p = exp_nonpositive(dot_lanes4<D>(kd, qr) * scale + bl - mt[t]) * rzt[t];
+      const vf pk = drop.threshold ? p * drop.keep(cols + static_cast<uint32_t>(t) * S) : p;
+      const vf ds = pk * dot_lanes4<D>(vd, gr) - p * delta[t];
+      for (int d = 0; d < D; ++d) {
+        dkd[d] = dkd[d] + ds * qr[d];
+        dvd[d] = dvd[d] + pk * gr[d];
+      }
+    }
+    const int lanes = std::min(W, S - s0);
+    for (int l = 0; l < lanes; ++l)
+      for (int d = 0; d < D; ++d) {
+        dk[static_cast<size_t>(s0 + l) * HD + d] = scale * dkd[d][l];
+        dv[static_cast<size_t>(s0 + l) * HD + d] = dvd[d][l];
+      }
   }
 }
 

@@ -52,10 +52,8 @@ class BertConfig:
 
 
 def attention_kernel(kernels: str, config: BertConfig) -> str:
-  """The self-attention kernel under the model's resolved kernels ('native' or 'xla'):
-  native where its head size is one the kernel has (kernels.attention.HEAD_SIZES)."""
-  head_size = config.hidden_size // config.num_attention_heads
-  return 'native' if kernels == 'native' and native_attention.supports(head_size) else 'xla'
+  """The self-attention kernel under the model's resolved kernels ('native' or 'xla')."""
+  return native_attention.kernel_for(kernels, config.hidden_size // config.num_attention_heads)
 
 
 def gelu(x):

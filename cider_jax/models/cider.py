@@ -92,7 +92,7 @@ class CIDer(nn.Module):
   positions: str = 'time'
   cross_dataset: bool = False
   dtype: Any = jnp.float32                # the text encoder's matmul operands (matmul.Dense)
-  kernels: str = 'xla'                    # 'native': CPU kernels for MCT attention, KL, GRU
+  kernels: str = 'xla'                    # 'native': CPU kernels (spec.resolve_kernels)
 
   @nn.compact
   def __call__(self, inputs, cls_feats, cls_probs, *, deterministic: bool = True,
@@ -112,7 +112,7 @@ class CIDer(nn.Module):
     x_a = proj('proj_a')(inputs['audio'])
     x_v = proj('proj_v')(inputs['vision'])
 
-    wsam_kernel = self.kernels if native_attention.supports(E) else 'xla'
+    wsam_kernel = native_attention.kernel_for(self.kernels, E)   # one head of size E
     wsam_a = WSAM(E, wsam_kernel, name='wsam_a')
     wsam_v = WSAM(E, wsam_kernel, name='wsam_v')
     if self.aligned:
