@@ -132,11 +132,14 @@ def main(argv):
            'label': rng.randint(0, 3, size=B).astype(np.int32), 'valid': np.ones(B, np.float32)}
   batch = parallel.shard(batch, n_dev)
   devices = jax.local_devices()[:n_dev]
-  fn = functools.partial(train_step, model=model, tx=tx, labels=labels, config=config,
-                         axis_name='batch')
-  if _PART.value == 'text_encoder':
-    fn = _text_encoder_passes(config, model, bert_config)
-  step = jax.pmap(fn, axis_name='batch', devices=devices, donate_argnums=(0,))
+  def timed_fn(m):
+    """The function --part times, for model m."""
+    if _PART.value == 'text_encoder':
+      return _text_encoder_passes(config, m, bert_config)
+    return functools.partial(train_step, model=m, tx=tx, labels=labels, config=config,
+                             axis_name='batch')
+
+  step = jax.pmap(timed_fn(model), axis_name='batch', devices=devices, donate_argnums=(0,))
   r_state = jax.pmap(lambda x: x, devices=devices)(
       jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n_dev,) + np.shape(x)), state))
   t0 = time.time()
@@ -157,13 +160,12 @@ def main(argv):
     jax.profiler.stop_trace()
   ms = (time.time() - t0) / _STEPS.value * 1000
   flops_source = 'XLA cost analysis'
-  if _PART.value == 'step' and model.kernels == 'native':
-    # XLA cannot see inside the native kernels: count the same step's work in its XLA form
-    fn_xla = functools.partial(train_step, model=model.clone(kernels='xla'), tx=tx,
-                               labels=labels, config=config, axis_name='batch')
+  if model.kernels == 'native':
+    # XLA cannot see inside the native kernels: count the same work in its XLA form
+    fn_xla = timed_fn(model.clone(kernels='xla'))
     flops = _flops(jax.pmap(fn_xla, axis_name='batch', devices=devices).lower(
         r_state, batch).compile())
-    flops_source = 'XLA cost analysis of the same step with model.kernels=xla'
+    flops_source = 'XLA cost analysis of the same work with model.kernels=xla'
   platform = devices[0].platform
   peak, peak_source = _PEAK.value, '--peak_gflops'
   if not peak and platform == 'cpu':
