@@ -460,3 +460,72 @@ def test_wsam_native_equals_xla_with_empty_rows_and_keys():
   scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(res['xla'][1]))
   for a, b_ in zip(jax.tree.leaves(res['native'][1]), jax.tree.leaves(res['xla'][1])):
     np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5 * scale)
+
+
+def _composite_reference(qkv, heads, block_len, scale, dout):
+  """float64 out (B, T, 4E) of the composite attention and d qkv of Σ dout·out.
+
+  Straight from the definition: for a query of block i and the p-th pattern of that block
+  (mct.SUMMARY, mct.PATTERNS), a softmax of scale·q·k over the keys of the pattern's blocks.
+  """
+  from cider_jax.models.mct import PATTERNS, SUMMARY
+  x = np.asarray(qkv, np.float64)
+  B, T, E3 = x.shape
+  E = E3 // 3
+  D = E // heads
+  hd = lambda t: t.reshape(B, T, heads, D).transpose(0, 2, 1, 3)   # (B, H, T, D)
+  q, k, v = hd(scale * x[..., :E]), hd(x[..., E:2 * E]), hd(x[..., 2 * E:])
+  s = np.einsum('bhtd,bhsd->bhts', q, k)
+  block = np.arange(T) // block_len
+  out = np.zeros((B, T, 4, heads, D))
+  dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+  g = np.asarray(dout, np.float64).reshape(B, T, 4, heads, D).transpose(0, 3, 1, 2, 4)
+  for i, name in enumerate('lav'):
+    rows = block == i
+    for slot, p in enumerate(SUMMARY[name]):
+      keys = np.isin(block, ['LAV'.index(c) for c in PATTERNS[p]])
+      si = s[:, :, rows][..., keys]
+      w = np.exp(si - si.max(-1, keepdims=True))
+      w /= w.sum(-1, keepdims=True)
+      o = np.einsum('bhts,bhsd->bhtd', w, v[:, :, keys])
+      out[:, rows, slot] = o.transpose(0, 2, 1, 3)
+      go = g[:, :, rows, slot]
+      dw = np.einsum('bhtd,bhsd->bhts', go, v[:, :, keys])
+      ds = w * (dw - (dw * w).sum(-1, keepdims=True))
+      dq[:, :, rows] += np.einsum('bhts,bhsd->bhtd', ds, k[:, :, keys])
+      dk[:, :, keys] += np.einsum('bhts,bhtd->bhsd', ds, q[:, :, rows])
+      dv[:, :, keys] += np.einsum('bhts,bhtd->bhsd', w, go)
+  un = lambda t: t.transpose(0, 2, 1, 3).reshape(B, T, E)
+  return out.reshape(B, T, 4 * E), np.concatenate([scale * un(dq), un(dk), un(dv)], -1)
+
+
+# (B, block_len, E, heads, key spread): queries off the 16 lanes, head sizes 2 to 32, the
+# MCT's own shape (blocks of 50, 8 heads of 4) last; spread > 1 scales block 1's keys so that
+# the blocks' maxima differ by tens (each pattern must shift by its own blocks' maximum)
+COMPOSITE_CASES = [(2, 5, 8, 2, 1.0), (3, 7, 24, 3, 1.0), (2, 3, 4, 2, 1.0), (2, 17, 32, 1, 1.0),
+                   (2, 6, 16, 4, 25.0), (2, 50, 32, 8, 1.0)]
+
+
+@pytest.mark.parametrize('B,L,E,H,spread', COMPOSITE_CASES)
+def test_composite_attention_and_its_gradient_match_float64(B, L, E, H, spread):
+  rng = np.random.default_rng(B * L * E + H)
+  qkv = rng.normal(size=(B, 3 * L, 3 * E)).astype(np.float32)
+  qkv[:, L:2 * L, E:2 * E] *= spread
+  dout = rng.normal(size=(B, 3 * L, 4 * E)).astype(np.float32)
+  scale = float(np.float32((E // H) ** -0.5))
+  out_ref, grad_ref = _composite_reference(qkv, H, L, scale, dout)
+  if spread > 1:   # the blocks' maxima really are far apart
+    s = np.einsum('btd,bsd->bts', scale * qkv[..., :E // H], qkv[..., E:E + E // H])
+    assert np.ptp(s[:, :, L:2 * L].max(-1) - s[:, :, :L].max(-1)) > 20
+  out, vjp = jax.vjp(lambda x: native.composite_attention(x, H, L, scale), jnp.asarray(qkv))
+  _close(out, out_ref, 'out')
+  _close(vjp(jnp.asarray(dout))[0], grad_ref, 'dqkv')
+
+
+def test_composite_attention_rejects_bad_shapes():
+  with pytest.raises(Exception, match='3·block_len'):
+    jax.block_until_ready(native.composite_attention(jnp.ones((2, 10, 24)), 2, 4, 1.0))
+  with pytest.raises(Exception, match='heads must divide E'):
+    jax.block_until_ready(native.composite_attention(jnp.ones((2, 12, 24)), 3, 4, 1.0))
+  with pytest.raises(Exception, match='head size'):
+    jax.block_until_ready(native.composite_attention(jnp.ones((2, 12, 36)), 4, 4, 1.0))

@@ -9,6 +9,9 @@
 - `masked_attention(q, k, v, bias, seed, ...)`: softmax attention with an additive key bias
   and optional hashed dropout of the weights, on the (batch, length, heads, head size) layout
   of the projections (BERT self-attention, WSAM).
+- `composite_attention(qkv, heads, block_len, scale)`: the MCT's per-pattern attention
+  outputs straight from its packed q|k|v projections, on `block_stats`' statistics
+  (mct.composite_attention_heads is the XLA form).
 
 The scores are recomputed in each pass, never stored: one pass forward and one backward for
 the first two, one forward and two backward (queries, then keys in the vector lanes) for the
@@ -150,3 +153,37 @@ def _masked_bwd(scale, threshold, keep_prob, res, dout):
 
 
 masked_attention.defvjp(_masked_forward, _masked_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def composite_attention(qkv, heads: int, block_len: int, scale: float):
+  """qkv (B, T, 3E) = [q | k | v] projections, T = 3·block_len, E = heads·D → (B, T, 4E).
+
+  For a query of modality block i (t // block_len) and the p-th of that block's four
+  patterns (mct.SUMMARY), out[b, t, p·E + h·D : p·E + (h+1)·D] is head h's softmax attention
+  of scale·q over the keys of the pattern's blocks (mct.MEMBERSHIP). float32.
+  """
+  return _composite_forward(qkv, heads, block_len, scale)[0]
+
+
+def _composite_attrs(heads, block_len, scale):
+  return dict(heads=np.int64(heads), block_len=np.int64(block_len), scale=np.float32(scale))
+
+
+def _composite_forward(qkv, heads, block_len, scale):
+  B, T, E3 = qkv.shape
+  out, mz = jax.ffi.ffi_call(
+      'cider_composite_attention_forward',
+      (_f32((B, T, 4 * (E3 // 3))), _f32((B * heads, 2, 3, T))))(
+          qkv, **_composite_attrs(heads, block_len, scale))
+  return out, (qkv, mz, out)
+
+
+def _composite_bwd(heads, block_len, scale, res, dout):
+  qkv, mz, out = res
+  dqkv = jax.ffi.ffi_call('cider_composite_attention_backward', _f32(qkv.shape))(
+      qkv, mz, out, dout, **_composite_attrs(heads, block_len, scale))
+  return (dqkv,)
+
+
+composite_attention.defvjp(_composite_forward, _composite_bwd)

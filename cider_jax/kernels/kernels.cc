@@ -23,6 +23,9 @@
 // 4. Masked attention (below): softmax attention with an additive key bias and optional
 //   hashed dropout of the weights (BERT self-attention, WSAM), forward and backward.
 //
+// 5. Composite attention (below): the MCT's seven-pattern attention from its packed q|k|v
+//   projections, built on section 1's block statistics, forward and backward.
+//
 // Attention queries run W at a time in vector lanes
 // (GCC vector extensions: AVX-512 where -march=native has it, narrower vectors elsewhere);
 // the items are shared among XLA's intra-op threads.
@@ -120,38 +123,88 @@ inline vf dot_lanes(const vf* qd, const float* key) {
   return s;
 }
 
+// Softmax statistics of the W-lane query groups of qt (D, Tp) over one key block of Lb keys
+// (key r at kb + r·ks, its value at vb + r·ks): mx, zs (Tp) and ns (D, Tp), lanes-major.
+template <int D>
+void block_forward(const float* qt, int Tp, const float* kb, const float* vb, int ks, int Lb,
+                   float* mx_out, float* zs_out, float* ns_out) {
+  for (int t0 = 0; t0 < Tp; t0 += W) {
+    vf qd[D];
+    for (int d = 0; d < D; ++d) qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
+    vf mx = splat(-__builtin_inff());
+    for (int key = 0; key < Lb; ++key) mx = vmax(mx, dot_lanes<D>(qd, kb + static_cast<size_t>(key) * ks));
+    vf zs = splat(0.0f);
+    vf ns[D];
+    for (int d = 0; d < D; ++d) ns[d] = splat(0.0f);
+    for (int key = 0; key < Lb; ++key) {
+      const float* vk = vb + static_cast<size_t>(key) * ks;
+      const vf e = exp_nonpositive(dot_lanes<D>(qd, kb + static_cast<size_t>(key) * ks) - mx);
+      zs = zs + e;
+      for (int d = 0; d < D; ++d) ns[d] = ns[d] + e * vk[d];
+    }
+    store(mx_out + t0, mx);
+    store(zs_out + t0, zs);
+    for (int d = 0; d < D; ++d) store(ns_out + static_cast<size_t>(d) * Tp + t0, ns[d]);
+  }
+}
+
+// The gradient of block_forward's z and n (given as dzt (Tp) and dnt (D, Tp), with the row
+// max mt (Tp) as the shift): adds dq to dqt (D, Tp) and writes the lane partial sums of dk
+// and dv to dka, dva (Lb, D, W). Padding lanes need q = dn = dz = 0 and a finite m.
+template <int D>
+void block_backward(const float* qt, int Tp, const float* kb, const float* vb, int ks, int Lb,
+                    const float* mt, const float* dzt, const float* dnt, float* dqt, float* dka,
+                    float* dva) {
+  std::fill(dka, dka + static_cast<size_t>(Lb) * D * W, 0.0f);
+  std::fill(dva, dva + static_cast<size_t>(Lb) * D * W, 0.0f);
+  for (int t0 = 0; t0 < Tp; t0 += W) {
+    vf qd[D], gd[D], dqd[D];
+    for (int d = 0; d < D; ++d) {
+      qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
+      gd[d] = load(dnt + static_cast<size_t>(d) * Tp + t0);
+      dqd[d] = splat(0.0f);
+    }
+    const vf mx = load(mt + t0);
+    const vf dzv = load(dzt + t0);
+    for (int key = 0; key < Lb; ++key) {
+      const float* kk = kb + static_cast<size_t>(key) * ks;
+      const float* vk = vb + static_cast<size_t>(key) * ks;
+      const vf e = exp_nonpositive(dot_lanes<D>(qd, kk) - mx);
+      const vf ds = e * (dot_lanes<D>(gd, vk) + dzv);
+      float* dkk = dka + static_cast<size_t>(key) * D * W;
+      float* dvk = dva + static_cast<size_t>(key) * D * W;
+      for (int d = 0; d < D; ++d) {
+        dqd[d] = dqd[d] + ds * kk[d];
+        store(dkk + d * W, load(dkk + d * W) + ds * qd[d]);
+        store(dvk + d * W, load(dvk + d * W) + e * gd[d]);
+      }
+    }
+    for (int d = 0; d < D; ++d) {
+      float* out = dqt + static_cast<size_t>(d) * Tp + t0;
+      store(out, load(out) + dqd[d]);
+    }
+  }
+}
+
 template <int D>
 void forward_item(const float* q, const float* k, const float* v, int T, int S, int Lb,
                   int item, int items, float* m, float* z, float* n, std::vector<float>& buf) {
   const int Tp = (T + W - 1) / W * W;
-  buf.resize(static_cast<size_t>(D) * Tp);
+  // qt, ns (D, Tp), mx, zs (Tp)
+  buf.resize(static_cast<size_t>(2 * D + 2) * Tp);
   float* qt = buf.data();
+  float* ns = qt + static_cast<size_t>(D) * Tp;
+  float* mx = ns + static_cast<size_t>(D) * Tp;
+  float* zs = mx + Tp;
   transpose_queries(q, T, D, Tp, qt);
   const int blocks = S / Lb;
   for (int j = 0; j < blocks; ++j) {
-    const float* kb = k + static_cast<size_t>(j) * Lb * D;
-    const float* vb = v + static_cast<size_t>(j) * Lb * D;
+    block_forward<D>(qt, Tp, k + static_cast<size_t>(j) * Lb * D,
+                     v + static_cast<size_t>(j) * Lb * D, D, Lb, mx, zs, ns);
     const size_t row = (static_cast<size_t>(j) * items + item) * T;
-    for (int t0 = 0; t0 < Tp; t0 += W) {
-      vf qd[D];
-      for (int d = 0; d < D; ++d) qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
-      vf mx = splat(-__builtin_inff());
-      for (int key = 0; key < Lb; ++key) mx = vmax(mx, dot_lanes<D>(qd, kb + key * D));
-      vf zs = splat(0.0f);
-      vf ns[D];
-      for (int d = 0; d < D; ++d) ns[d] = splat(0.0f);
-      for (int key = 0; key < Lb; ++key) {
-        const vf e = exp_nonpositive(dot_lanes<D>(qd, kb + key * D) - mx);
-        zs = zs + e;
-        for (int d = 0; d < D; ++d) ns[d] = ns[d] + e * vb[key * D + d];
-      }
-      const int lanes = std::min(W, T - t0);
-      for (int l = 0; l < lanes; ++l) {
-        m[row + t0 + l] = mx[l];
-        z[row + t0 + l] = zs[l];
-        for (int d = 0; d < D; ++d) n[(row + t0 + l) * D + d] = ns[d][l];
-      }
-    }
+    std::copy(mx, mx + T, m + row);
+    std::copy(zs, zs + T, z + row);
+    untranspose_queries(ns, T, D, Tp, n + row * D);
   }
 }
 
@@ -172,43 +225,13 @@ void backward_item(const float* q, const float* k, const float* v, const float* 
   transpose_queries(q, T, D, Tp, qt);
   const int blocks = S / Lb;
   for (int j = 0; j < blocks; ++j) {
-    const float* kb = k + static_cast<size_t>(j) * Lb * D;
-    const float* vb = v + static_cast<size_t>(j) * Lb * D;
     const size_t row = (static_cast<size_t>(j) * items + item) * T;
     // padding lanes: q = dn = dz = 0 and m = 0, so their ds and e·dn vanish
-    std::fill(mt, mt + Tp, 0.0f);
-    std::fill(dzt, dzt + Tp, 0.0f);
     std::copy(m + row, m + row + T, mt);
     std::copy(dz + row, dz + row + T, dzt);
     transpose_queries(dn + row * D, T, D, Tp, dnt);
-    std::fill(dka, dka + static_cast<size_t>(2) * Lb * D * W, 0.0f);
-    for (int t0 = 0; t0 < Tp; t0 += W) {
-      vf qd[D], gd[D], dqd[D];
-      for (int d = 0; d < D; ++d) {
-        qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
-        gd[d] = load(dnt + static_cast<size_t>(d) * Tp + t0);
-        dqd[d] = splat(0.0f);
-      }
-      const vf mx = load(mt + t0);
-      const vf dzv = load(dzt + t0);
-      for (int key = 0; key < Lb; ++key) {
-        const float* kk = kb + key * D;
-        const float* vk = vb + key * D;
-        const vf e = exp_nonpositive(dot_lanes<D>(qd, kk) - mx);
-        const vf ds = e * (dot_lanes<D>(gd, vk) + dzv);
-        float* dkk = dka + static_cast<size_t>(key) * D * W;
-        float* dvk = dva + static_cast<size_t>(key) * D * W;
-        for (int d = 0; d < D; ++d) {
-          dqd[d] = dqd[d] + ds * kk[d];
-          store(dkk + d * W, load(dkk + d * W) + ds * qd[d]);
-          store(dvk + d * W, load(dvk + d * W) + e * gd[d]);
-        }
-      }
-      for (int d = 0; d < D; ++d) {
-        float* out = dqt + static_cast<size_t>(d) * Tp + t0;
-        store(out, load(out) + dqd[d]);
-      }
-    }
+    block_backward<D>(qt, Tp, k + static_cast<size_t>(j) * Lb * D,
+                      v + static_cast<size_t>(j) * Lb * D, D, Lb, mt, dzt, dnt, dqt, dka, dva);
     reduce_lanes(dka, Lb * D, dk + static_cast<size_t>(j) * Lb * D);
     reduce_lanes(dva, Lb * D, dv + static_cast<size_t>(j) * Lb * D);
   }
@@ -601,6 +624,156 @@ void masked_backward_item(const float* q, const float* k, const float* v, const 
   }
 }
 
+// 5. Composite attention: the MCT's seven-pattern attention (models/mct.py) from its packed
+// projections qkv (B, T, 3E), T = 3·L, E = H·D. For batch item b and head h (item b·H + h) the
+// queries are q_t = scale·qkv[b, t, hD:(h+1)D] and the keys and values sit at offsets E and
+// 2E. With section 1's statistics m_j, z_j, n_j of every query over key block j (L keys),
+// a query of modality block i gets, for each of the four patterns p of that block
+// (kSummary[i]), the softmax over the union of the pattern's blocks
+//   o_p = Σ_j c_pj n_j / Σ_j c_pj z_j,  c_pj = [j in p] exp(m_j − max_{j' in p} m_j'),
+// written to out[b, t, p·E + h·D : p·E + (h+1)·D]; m and z go to mz (B·H, 2, 3, T). The
+// backward pass turns dout into section 1's block cotangents, with a_pj = c_pj / Σ_j c_pj z_j,
+//   dn_j = Σ_p a_pj dout_p,  dz_j = −Σ_p a_pj (dout_p·o_p),
+// runs section 1's backward on them and writes dqkv (B, T, 3E) (dq times scale).
+constexpr int kSummary[3][4] = {{0, 1, 2, 4}, {0, 1, 3, 5}, {0, 2, 3, 6}};
+constexpr bool kMember[7][3] = {{1, 1, 1}, {1, 1, 0}, {1, 0, 1}, {0, 1, 1},
+                                {1, 0, 0}, {0, 1, 0}, {0, 0, 1}};
+
+// mask (4, 3, Tp): 1 where key block j belongs to the p-th pattern of query t's block (padding
+// lanes: those of block 0).
+std::vector<float> composite_mask(int T, int L, int Tp) {
+  std::vector<float> mask(static_cast<size_t>(12) * Tp, 0.0f);
+  for (int t = 0; t < Tp; ++t) {
+    const int i = t < T ? t / L : 0;
+    for (int p = 0; p < 4; ++p)
+      for (int j = 0; j < 3; ++j)
+        mask[static_cast<size_t>(p * 3 + j) * Tp + t] = kMember[kSummary[i][p]][j] ? 1.0f : 0.0f;
+  }
+  return mask;
+}
+
+// The normalised pattern weights a_pj = c_pj / Σ_j c_pj z_j of W queries (mm: m_j, zz: z_j).
+inline void pattern_weights(const vf* mm, const vf* zz, const float* mask, int Tp, int t0, int p,
+                            vf* a) {
+  vf in[3], top = splat(-__builtin_inff());
+  for (int j = 0; j < 3; ++j) {
+    in[j] = load(mask + static_cast<size_t>(p * 3 + j) * Tp + t0);
+    top = in[j] > 0.0f ? vmax(top, mm[j]) : top;
+  }
+  vf den = splat(0.0f);
+  for (int j = 0; j < 3; ++j) {
+    a[j] = in[j] > 0.0f ? exp_nonpositive(mm[j] - top) : splat(0.0f);
+    den = den + a[j] * zz[j];
+  }
+  const vf r = 1.0f / den;
+  for (int j = 0; j < 3; ++j) a[j] = a[j] * r;
+}
+
+template <int D>
+void composite_forward_item(const float* qkv, int T, int L, int E, int h, float scale,
+                            const float* mask, float* out, float* mz, std::vector<float>& buf) {
+  const int Tp = (T + W - 1) / W * W, ks = 3 * E;
+  // qt (D, Tp), then per block: mx, zs (Tp), ns (D, Tp)
+  buf.resize(static_cast<size_t>(D) * Tp + static_cast<size_t>(3) * (D + 2) * Tp);
+  float* qt = buf.data();
+  float* st = qt + static_cast<size_t>(D) * Tp;
+  auto mx = [&](int j) { return st + static_cast<size_t>(j) * (D + 2) * Tp; };
+  transpose_rows(qkv + h * D, T, D, ks, Tp, scale, qt);
+  for (int j = 0; j < 3; ++j) {
+    const float* kb = qkv + static_cast<size_t>(j) * L * ks + E + h * D;
+    block_forward<D>(qt, Tp, kb, kb + E, ks, L, mx(j), mx(j) + Tp, mx(j) + 2 * Tp);
+    std::copy(mx(j), mx(j) + T, mz + static_cast<size_t>(j) * T);
+    std::copy(mx(j) + Tp, mx(j) + Tp + T, mz + static_cast<size_t>(3 + j) * T);
+  }
+  for (int t0 = 0; t0 < Tp; t0 += W) {
+    vf mm[3], zz[3];
+    for (int j = 0; j < 3; ++j) {
+      mm[j] = load(mx(j) + t0);
+      zz[j] = load(mx(j) + Tp + t0);
+    }
+    const int lanes = std::min(W, T - t0);
+    for (int p = 0; p < 4; ++p) {
+      vf a[3];
+      pattern_weights(mm, zz, mask, Tp, t0, p, a);
+      for (int d = 0; d < D; ++d) {
+        vf o = splat(0.0f);
+        for (int j = 0; j < 3; ++j) o = o + a[j] * load(mx(j) + (2 + d) * Tp + t0);
+        float* dst = out + static_cast<size_t>(t0) * 4 * E + p * E + h * D + d;
+        for (int l = 0; l < lanes; ++l) dst[static_cast<size_t>(l) * 4 * E] = o[l];
+      }
+    }
+  }
+}
+
+template <int D>
+void composite_backward_item(const float* qkv, const float* mz, const float* out,
+                             const float* dout, int T, int L, int E, int h, float scale,
+                             const float* mask, float* dqkv, std::vector<float>& buf) {
+  const int Tp = (T + W - 1) / W * W, ks = 3 * E;
+  // qt, dqt (D, Tp); per block: mt, dzt (Tp), dnt (D, Tp); dk and dv lane sums (L, D, W)
+  buf.assign(static_cast<size_t>(2 * D) * Tp + static_cast<size_t>(3) * (D + 2) * Tp +
+                 static_cast<size_t>(2) * L * D * W, 0.0f);
+  float* qt = buf.data();
+  float* dqt = qt + static_cast<size_t>(D) * Tp;
+  float* st = dqt + static_cast<size_t>(D) * Tp;
+  float* dka = st + static_cast<size_t>(3) * (D + 2) * Tp;
+  float* dva = dka + static_cast<size_t>(L) * D * W;
+  auto mt = [&](int j) { return st + static_cast<size_t>(j) * (D + 2) * Tp; };
+  transpose_rows(qkv + h * D, T, D, ks, Tp, scale, qt);
+  // padding lanes: m = 0, z = 1 (finite weights) and dout = 0, so dn = dz = 0 there
+  std::vector<float> zt(static_cast<size_t>(3) * Tp, 1.0f);
+  for (int j = 0; j < 3; ++j) {
+    std::copy(mz + static_cast<size_t>(j) * T, mz + static_cast<size_t>(j + 1) * T, mt(j));
+    std::copy(mz + static_cast<size_t>(3 + j) * T, mz + static_cast<size_t>(4 + j) * T,
+              zt.data() + static_cast<size_t>(j) * Tp);
+  }
+  for (int t0 = 0; t0 < Tp; t0 += W) {
+    vf mm[3], zz[3], dzs[3], dns[3][D];
+    for (int j = 0; j < 3; ++j) {
+      mm[j] = load(mt(j) + t0);
+      zz[j] = load(zt.data() + static_cast<size_t>(j) * Tp + t0);
+      dzs[j] = splat(0.0f);
+      for (int d = 0; d < D; ++d) dns[j][d] = splat(0.0f);
+    }
+    const int lanes = std::min(W, T - t0);
+    for (int p = 0; p < 4; ++p) {
+      vf a[3], go[D];
+      pattern_weights(mm, zz, mask, Tp, t0, p, a);
+      vf delta = splat(0.0f);
+      for (int d = 0; d < D; ++d) {
+        alignas(64) float o[W] = {}, g[W] = {};
+        const size_t at = static_cast<size_t>(t0) * 4 * E + p * E + h * D + d;
+        for (int l = 0; l < lanes; ++l) {
+          o[l] = out[at + static_cast<size_t>(l) * 4 * E];
+          g[l] = dout[at + static_cast<size_t>(l) * 4 * E];
+        }
+        go[d] = load(g);
+        delta = delta + go[d] * load(o);
+      }
+      for (int j = 0; j < 3; ++j) {
+        dzs[j] = dzs[j] - a[j] * delta;
+        for (int d = 0; d < D; ++d) dns[j][d] = dns[j][d] + a[j] * go[d];
+      }
+    }
+    for (int j = 0; j < 3; ++j) {
+      store(mt(j) + Tp + t0, dzs[j]);
+      for (int d = 0; d < D; ++d) store(mt(j) + (2 + d) * Tp + t0, dns[j][d]);
+    }
+  }
+  for (int j = 0; j < 3; ++j) {
+    const float* kb = qkv + static_cast<size_t>(j) * L * ks + E + h * D;
+    block_backward<D>(qt, Tp, kb, kb + E, ks, L, mt(j), mt(j) + Tp, mt(j) + 2 * Tp, dqt, dka, dva);
+    for (int key = 0; key < L; ++key) {
+      float* dk = dqkv + static_cast<size_t>(j * L + key) * ks + E + h * D;
+      reduce_lanes(dka + static_cast<size_t>(key) * D * W, D, dk);
+      reduce_lanes(dva + static_cast<size_t>(key) * D * W, D, dk + E);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int d = 0; d < D; ++d)
+      dqkv[static_cast<size_t>(t) * ks + h * D + d] = scale * dqt[static_cast<size_t>(d) * Tp + t];
+}
+
 // Runs body(begin, end) over [0, items) in contiguous chunks. Chunks are claimed from an
 // atomic counter by the caller and by tasks scheduled on XLA's intra-op pool, so the caller
 // does all the work itself when the pool is busy elsewhere; it returns once every claimed
@@ -926,6 +1099,89 @@ ffi::Error GruBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::Buff
   return ffi::Error::Success();
 }
 
+struct CompositeShapes {
+  int B, T, L, E, H, D;
+};
+
+ffi::Error check_composite(ffi::AnyBuffer::Dimensions xd, int64_t heads, int64_t block_len,
+                           CompositeShapes* out) {
+  if (xd.size() != 3 || xd[2] % 3 != 0)
+    return ffi::Error::InvalidArgument("cider composite attention: qkv must be (B, T, 3E)");
+  const int64_t E = xd[2] / 3;
+  if (heads <= 0 || E % heads != 0)
+    return ffi::Error::InvalidArgument("cider composite attention: heads must divide E");
+  if (block_len <= 0 || xd[1] != 3 * block_len)
+    return ffi::Error::InvalidArgument("cider composite attention: T must be 3·block_len");
+  *out = CompositeShapes{static_cast<int>(xd[0]), static_cast<int>(xd[1]),
+                         static_cast<int>(block_len), static_cast<int>(E),
+                         static_cast<int>(heads), static_cast<int>(E / heads)};
+  return ffi::Error::Success();
+}
+
+ffi::Error check_composite_rest(const CompositeShapes& sh, std::initializer_list<ffi::AnyBuffer::Dimensions> outs,
+                                ffi::AnyBuffer::Dimensions mzd) {
+  for (auto od : outs)
+    if (od.size() != 3 || od[0] != sh.B || od[1] != sh.T || od[2] != 4 * sh.E)
+      return ffi::Error::InvalidArgument("cider composite attention: out, dout must be (B, T, 4E)");
+  if (mzd.size() != 4 || mzd[0] != static_cast<int64_t>(sh.B) * sh.H || mzd[1] != 2 ||
+      mzd[2] != 3 || mzd[3] != sh.T)
+    return ffi::Error::InvalidArgument("cider composite attention: mz must be (B·H, 2, 3, T)");
+  return ffi::Error::Success();
+}
+
+// Runs item(D as an integral constant, b, h, item index, scratch) for every (b, h) on the
+// intra-op pool.
+template <typename ItemFn>
+ffi::Error for_each_composite_item(ffi::ThreadPool& pool, const CompositeShapes& sh, ItemFn&& item) {
+  return dispatch_d(sh.D, [&](auto dc) {
+    parallel_for(pool, sh.B * sh.H, [&](int begin, int end) {
+      std::vector<float> buf;
+      for (int i = begin; i < end; ++i) item(dc, i / sh.H, i % sh.H, i, buf);
+    });
+  });
+}
+
+ffi::Error CompositeForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, int64_t heads,
+                            int64_t block_len, float scale, ffi::ResultBuffer<ffi::F32> out,
+                            ffi::ResultBuffer<ffi::F32> mz) {
+  CompositeShapes sh;
+  if (auto err = check_composite(qkv.dimensions(), heads, block_len, &sh); err.failure()) return err;
+  if (auto err = check_composite_rest(sh, {out->dimensions()}, mz->dimensions()); err.failure())
+    return err;
+  const int Tp = (sh.T + W - 1) / W * W;
+  const std::vector<float> mask = composite_mask(sh.T, sh.L, Tp);
+  const float* xp = qkv.typed_data();
+  float *op = out->typed_data(), *mp = mz->typed_data();
+  const size_t xs = static_cast<size_t>(sh.T) * 3 * sh.E, os = static_cast<size_t>(sh.T) * 4 * sh.E;
+  return for_each_composite_item(pool, sh, [&](auto dc, int b, int h, int i, std::vector<float>& buf) {
+    composite_forward_item<decltype(dc)::value>(xp + b * xs, sh.T, sh.L, sh.E, h, scale,
+                                                mask.data(), op + b * os,
+                                                mp + static_cast<size_t>(i) * 6 * sh.T, buf);
+  });
+}
+
+ffi::Error CompositeBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
+                             ffi::Buffer<ffi::F32> mz, ffi::Buffer<ffi::F32> out,
+                             ffi::Buffer<ffi::F32> dout, int64_t heads, int64_t block_len,
+                             float scale, ffi::ResultBuffer<ffi::F32> dqkv) {
+  CompositeShapes sh;
+  if (auto err = check_composite(qkv.dimensions(), heads, block_len, &sh); err.failure()) return err;
+  if (auto err = check_composite_rest(sh, {out.dimensions(), dout.dimensions()}, mz.dimensions());
+      err.failure())
+    return err;
+  const int Tp = (sh.T + W - 1) / W * W;
+  const std::vector<float> mask = composite_mask(sh.T, sh.L, Tp);
+  const float *xp = qkv.typed_data(), *mp = mz.typed_data(), *op = out.typed_data(),
+              *gp = dout.typed_data();
+  float* dxp = dqkv->typed_data();
+  const size_t xs = static_cast<size_t>(sh.T) * 3 * sh.E, os = static_cast<size_t>(sh.T) * 4 * sh.E;
+  return for_each_composite_item(pool, sh, [&](auto dc, int b, int h, int i, std::vector<float>& buf) {
+    composite_backward_item<decltype(dc)::value>(
+        xp + b * xs, mp + static_cast<size_t>(i) * 6 * sh.T, op + b * os, gp + b * os, sh.T,
+        sh.L, sh.E, h, scale, mask.data(), dxp + b * xs, buf);
+  });
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderBlockSoftmaxForward, Forward,
@@ -1029,4 +1285,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderMaskedAttentionBackward, MaskedBackward,
                                   .Attr<float>("keep_prob")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderCompositeAttentionForward, CompositeForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("block_len")
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderCompositeAttentionBackward, CompositeBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("heads")
+                                  .Attr<int64_t>("block_len")
+                                  .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -26,7 +26,9 @@ _TARGETS = {'cider_block_softmax_forward': 'CiderBlockSoftmaxForward',
             'cider_gru_forward': 'CiderGruForward',
             'cider_gru_backward': 'CiderGruBackward',
             'cider_masked_attention_forward': 'CiderMaskedAttentionForward',
-            'cider_masked_attention_backward': 'CiderMaskedAttentionBackward'}
+            'cider_masked_attention_backward': 'CiderMaskedAttentionBackward',
+            'cider_composite_attention_forward': 'CiderCompositeAttentionForward',
+            'cider_composite_attention_backward': 'CiderCompositeAttentionBackward'}
 
 
 def _cpu_signature() -> str:

@@ -189,13 +189,23 @@ class CompositeAttention(nn.Module):
     xavier = nn.initializers.xavier_uniform()
     qkv = nn.Dense(3 * E, kernel_init=xavier, name='qkv')(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
-    q = q * np.float32(D ** -0.5)
+    scale = np.float32(D ** -0.5)
     heads = lambda t: jnp.transpose(t.reshape(B, T, H, D), (0, 2, 1, 3))
     drop = None
     if self.attn_dropout > 0 and not deterministic:
       drop = lambda w: Dropout(self.attn_dropout)(w, deterministic=False)
-    q, k = heads(q), heads(k)
-    per_block, scores = composite_attention_heads(q, k, heads(v), L, drop, self.kernel)
+    q, k = heads(q * scale), heads(k)
+    # only the last layer's scores are used (distillation); elsewhere XLA drops them
+    scores = jnp.einsum('bhqd,bhkd->bhqk', q, k)
+    if self.kernel == 'native' and drop is None:
+      # (B, T, 4E), per query its block's four patterns × heads × D, from the packed qkv
+      packed = native_attention.composite_attention(qkv.astype(jnp.float32), H, L, scale)
+      per_block = {name: packed[:, i * L:(i + 1) * L] for i, name in enumerate('lav')}
+    else:
+      per_block, _ = composite_attention_heads(q, k, heads(v), L, drop, self.kernel)
+      # (B, H, L, 4, D) → (B, L, 4E), the packed layout
+      per_block = {name: jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(B, L, 4 * E)
+                   for name, o in per_block.items()}
     out_kernel = self.param('out_kernel', lambda k, s: jax.vmap(lambda kk: xavier(kk, s[1:]))(
         jax.random.split(k, s[0])), (7, E, E))
     out_bias = self.param('out_bias', nn.initializers.zeros, (7, E))
@@ -210,8 +220,7 @@ class CompositeAttention(nn.Module):
       s_kernel = s_kernel.reshape(4, E, E)
       w = jnp.einsum('pef,pfg,gh->peh', out_kernel[idx], s_kernel, final_kernel)  # (4, E, E)
       b = (jnp.einsum('pf,pfg->g', out_bias[idx], s_kernel) + s_bias) @ final_kernel + final_bias
-      h = jnp.einsum('bhtpd,phdg->btg', per_block[name], w.reshape(4, H, D, E))
-      projected.append(h + b)
+      projected.append(per_block[name] @ w.reshape(4 * E, E) + b)
     return jnp.concatenate(projected, axis=1), {'scores': scores, 'qk': (q, k)}
 
 
