@@ -342,12 +342,19 @@ def _hash_keep(seed, shape, threshold):
   return (bits >= np.uint64(threshold)).astype(np.float64)
 
 
-def _masked_reference(q, k, v, bias, keep, scale, keep_prob, dout):
-  """float64 out (G, T, H, D) and dq, dk, dv of Σ dout·out; keep (G, H, T, S) 0/1."""
+def _masked_reference(q, k, v, bias, keep, scale, keep_prob, dout, rows, cols):
+  """float64 out (G, T, H, D) and dq, dk, dv of Σ dout·out; keep (G, H, T, S) 0/1.
+
+  rows (G, T), cols (G, S) 0/1: rows with 0 output 0 (their dout does not count), keys with
+  0 are not in the softmax; a row without keys outputs 0.
+  """
   q, k, v, bias, dout = (np.asarray(t, np.float64) for t in (q, k, v, bias, dout))
   s = scale * np.einsum('gthd,gshd->ghts', q, k) + bias[:, None, None, :]
+  s = np.where(cols[:, None, None, :] > 0, s, -np.inf)
+  on = (rows > 0)[:, None, :, None] & (cols > 0).any(-1)[:, None, None, None]   # (G, 1, T, 1)
+  s = np.where(on, s, 0.0)
   p = np.exp(s - s.max(-1, keepdims=True))
-  p /= p.sum(-1, keepdims=True)
+  p = np.where(on, p / p.sum(-1, keepdims=True), 0.0)
   w = p * keep / keep_prob
   out = np.einsum('ghts,gshd->gthd', w, v)
   dw = np.einsum('gthd,gshd->ghts', dout, v)
@@ -359,14 +366,16 @@ def _masked_reference(q, k, v, bias, keep, scale, keep_prob, dout):
   return out, (dq, dk, dv)
 
 
-# (G, T, S, H, D, dropout rate): lengths off the 16 lanes, one and several heads, the BERT
-# (12 heads of 32, 50 tokens, dropout 0.1) and WSAM (one head, 375 frames) shapes
-MASKED_CASES = [(3, 7, 19, 3, 4, 0.3), (2, 21, 5, 2, 24, 0.0), (2, 50, 50, 12, 32, 0.1),
-                (4, 50, 375, 1, 32, 0.0), (2, 17, 33, 4, 8, 0.5), (1, 3, 2, 1, 1, 0.0)]
+# (G, T, S, H, D, dropout rate, select): lengths off the 16 lanes, one and several heads, the
+# BERT (12 heads of 32, 50 tokens, dropout 0.1) and WSAM (one head, 375 frames) shapes;
+# select: random row and key selections, with one group that has no key at all
+MASKED_CASES = [(3, 7, 19, 3, 4, 0.3, True), (2, 21, 5, 2, 24, 0.0, False),
+                (2, 50, 50, 12, 32, 0.1, False), (4, 50, 375, 1, 32, 0.0, True),
+                (2, 17, 33, 4, 8, 0.5, True), (1, 3, 2, 1, 1, 0.0, False)]
 
 
-@pytest.mark.parametrize('G,T,S,H,D,rate', MASKED_CASES)
-def test_masked_attention_and_its_gradient_match_float64(G, T, S, H, D, rate):
+@pytest.mark.parametrize('G,T,S,H,D,rate,select', MASKED_CASES)
+def test_masked_attention_and_its_gradient_match_float64(G, T, S, H, D, rate, select):
   from cider_jax.models import dropout
   rng = np.random.default_rng(G * T * S + D)
   q, k, v = (rng.normal(size=(G, n, H, D)).astype(np.float32) for n in (T, S, S))
@@ -375,6 +384,12 @@ def test_masked_attention_and_its_gradient_match_float64(G, T, S, H, D, rate):
   # both forms of "masked" the model uses: BERT's finfo.min and WSAM's -1e30
   off = np.where(np.arange(G)[:, None] % 2 == 0, np.finfo(np.float32).min, -1e30)
   bias = np.where(valid, 0.0, off).astype(np.float32)
+  rows, cols = np.ones((G, T), np.float32), np.ones((G, S), np.float32)
+  if select:
+    rows = (rng.random((G, T)) > 0.3).astype(np.float32)
+    cols = (rng.random((G, S)) > 0.3).astype(np.float32)
+    cols[0, :] = 0.0
+    assert 0 < rows.mean() < 1 and 0 < cols[1:].mean() < 1
   seed = np.array([2654435761, 40503], np.uint32)
   thr = dropout.threshold(rate) if rate else 0
   keep_prob = float(np.float32(1.0 - rate))
@@ -383,9 +398,10 @@ def test_masked_attention_and_its_gradient_match_float64(G, T, S, H, D, rate):
     assert 0.5 * rate < 1 - keep.mean() < 1.5 * rate   # the dropout is really on
   dout = rng.normal(size=(G, T, H, D)).astype(np.float32)
   scale = float(np.float32(D ** -0.5))
-  out_ref, grads_ref = _masked_reference(q, k, v, bias, keep, scale, keep_prob, dout)
-  fn = lambda q, k, v: native.masked_attention(q, k, v, jnp.asarray(bias), jnp.asarray(seed),
-                                               scale, thr, keep_prob)
+  out_ref, grads_ref = _masked_reference(q, k, v, bias, keep, scale, keep_prob, dout, rows, cols)
+  fn = lambda q, k, v: native.masked_attention(
+      q, k, v, jnp.asarray(bias), jnp.asarray(seed), scale, thr, keep_prob,
+      rows=jnp.asarray(rows) if select else None, cols=jnp.asarray(cols) if select else None)
   out, vjp = jax.vjp(fn, *(jnp.asarray(t) for t in (q, k, v)))
   _close(out, out_ref, 'out')
   for name, g, g_ref in zip(('dq', 'dk', 'dv'), vjp(jnp.asarray(dout)), grads_ref):
@@ -400,6 +416,9 @@ def test_masked_attention_rejects_mismatched_shapes():
   with pytest.raises(Exception, match='disagree in G, H or D'):
     native.masked_attention(q, k[:, :, :2], k[:, :, :2], jnp.zeros((2, 6)),
                             jnp.zeros((2,), jnp.uint32), 1.0, 0, 1.0)
+  with pytest.raises(Exception, match='rows must be'):
+    native.masked_attention(q, k, k, jnp.zeros((2, 6)), jnp.zeros((2,), jnp.uint32), 1.0, 0,
+                            1.0, rows=jnp.ones((2, 6)))
 
 
 def test_bert_native_attention_equals_xla_with_dropout():

@@ -8,7 +8,8 @@
   scores).
 - `masked_attention(q, k, v, bias, seed, ...)`: softmax attention with an additive key bias
   and optional hashed dropout of the weights, on the (batch, length, heads, head size) layout
-  of the projections (BERT self-attention, WSAM).
+  of the projections (BERT self-attention, WSAM); optional row and key selections skip the
+  work of query rows whose output is not used and of padded keys.
 - `composite_attention(qkv, heads, block_len, scale)`: the MCT's per-pattern attention
   outputs straight from its packed q|k|v projections, on `block_stats`' statistics
   (mct.composite_attention_heads is the XLA form).
@@ -117,16 +118,29 @@ def _attention_kl_bwd(res, dkl):
 attention_kl.defvjp(_kl_forward, _attention_kl_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def masked_attention(q, k, v, bias, seed, scale: float, threshold: int, keep_prob: float):
+def masked_attention(q, k, v, bias, seed, scale: float, threshold: int, keep_prob: float,
+                     rows=None, cols=None):
   """q (G, T, H, D), k, v (G, S, H, D), bias (G, S) additive, seed uint32 (2,): → (G, T, H, D).
 
   out[g, t, h] = Σ_s p_ts · keep_ts / keep_prob · v[g, s, h], p = softmax_s(scale·q·k + bias),
   keep_ts = hashed dropout bits (models.dropout.hashed_bits of `seed`, flat index over the
   (G, H, T, S) weights) >= threshold; threshold 0: no dropout. Differentiable in q, k, v (the
-  bias and the seed are constants). float32.
+  bias, the seed and the selections are constants). float32.
+
+  rows (G, T) / cols (G, S), 0/1 (default all 1): the work to do. A row with rows = 0 is not
+  computed: its output is 0 and its gradient ignored. A key with cols = 0 is left out of
+  the softmax (as a bias of −inf would); a row with no key left outputs 0.
   """
-  return _masked_forward(q, k, v, bias, seed, scale, threshold, keep_prob)[0]
+  G, T, _, _ = q.shape
+  S = k.shape[1]
+  rows = jnp.ones((G, T), jnp.float32) if rows is None else rows.astype(jnp.float32)
+  cols = jnp.ones((G, S), jnp.float32) if cols is None else cols.astype(jnp.float32)
+  return _masked(q, k, v, bias, rows, cols, seed, scale, threshold, keep_prob)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _masked(q, k, v, bias, rows, cols, seed, scale, threshold, keep_prob):
+  return _masked_forward(q, k, v, bias, rows, cols, seed, scale, threshold, keep_prob)[0]
 
 
 def _masked_call(target, results, args, scale, threshold, keep_prob):
@@ -135,24 +149,25 @@ def _masked_call(target, results, args, scale, threshold, keep_prob):
       keep_prob=np.float32(keep_prob))
 
 
-def _masked_forward(q, k, v, bias, seed, scale, threshold, keep_prob):
+def _masked_forward(q, k, v, bias, rows, cols, seed, scale, threshold, keep_prob):
   G, T, H, _ = q.shape
   seed = seed.astype(jnp.uint32)
   out, m, z = _masked_call('cider_masked_attention_forward',
                            (_f32(q.shape), _f32((G, H, T)), _f32((G, H, T))),
-                           (q, k, v, bias, seed), scale, threshold, keep_prob)
-  return out, (q, k, v, bias, seed, m, z, out)
+                           (q, k, v, bias, rows, cols, seed), scale, threshold, keep_prob)
+  return out, (q, k, v, bias, rows, cols, seed, m, z, out)
 
 
 def _masked_bwd(scale, threshold, keep_prob, res, dout):
-  q, k, v, bias, seed, m, z, out = res
+  q, k, v, bias, rows, cols, seed, m, z, out = res
   dq, dk, dv = _masked_call('cider_masked_attention_backward',
                             (_f32(q.shape), _f32(k.shape), _f32(v.shape)),
-                            (q, k, v, bias, seed, m, z, out, dout), scale, threshold, keep_prob)
-  return dq, dk, dv, jnp.zeros_like(bias), None
+                            (q, k, v, bias, rows, cols, seed, m, z, out, dout), scale, threshold,
+                            keep_prob)
+  return (dq, dk, dv, jnp.zeros_like(bias), jnp.zeros_like(rows), jnp.zeros_like(cols), None)
 
 
-masked_attention.defvjp(_masked_forward, _masked_bwd)
+_masked.defvjp(_masked_forward, _masked_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))

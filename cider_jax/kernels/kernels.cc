@@ -40,6 +40,10 @@
 #include <mutex>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -64,9 +68,16 @@ inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof(vf)); }
 // x − n·ln2, |x − n·ln2| <= ln2/2, scaled by 2^n; about 1 ulp. Below the smallest normal
 // result (x < −87.33) it returns 0; NaN stays NaN.
 inline vf exp_nonpositive(vf x) {
+#if defined(__AVX512F__)
+  // the same values from AVX-512's round-to-nearest and scale-by-2^n instructions
+  static_assert(sizeof(vf) == sizeof(__m512), "W = 16 lanes with AVX-512");
+  vf t = x * 1.44269504088896341f;
+  vf nf = (vf)_mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
   const vf magic = splat(12582912.0f);  // 1.5·2^23: adding and subtracting rounds to integer
   vf t = x * 1.44269504088896341f;
   vf nf = (t + magic) - magic;
+#endif
   vf r = x - nf * 0.693359375f;
   r = r - nf * -2.12194440e-4f;
   vf p = splat(1.9875691500e-4f);
@@ -76,11 +87,15 @@ inline vf exp_nonpositive(vf x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   vf y = p * r * r + r + 1.0f;
+#if defined(__AVX512F__)
+  y = (vf)_mm512_scalef_ps((__m512)y, (__m512)nf);
+#else
   vi n = __builtin_convertvector(nf, vi);
   vi bits = (n + 127) << 23;
   vf scale;
   std::memcpy(&scale, &bits, sizeof(vf));
   y = y * scale;
+#endif
   return x < -87.33654475f ? splat(0.0f) : y;
 }
 
@@ -462,6 +477,9 @@ void gru_backward_item(const float* gx, const float* w, const float* c, const fl
 // backward pass recomputes p from them: with δ_t = dout_t·out_t,
 //   ds_tk = p_tk (keep_tk/keep_prob·dout_t·v_k − δ_t),  dq_t = scale Σ_k ds_tk k_k,
 //   dk_k = scale Σ_t ds_tk q_t,  dv_k = Σ_t p_tk keep_tk/keep_prob·dout_t.
+// rows (G, T) and cols (G, S) select the work: a query row with rows = 0 is not computed (out,
+// dq = 0, m = 0, z = 1, and its dout is ignored), a key with cols = 0 is left out of every
+// softmax (dk, dv = 0); a row with no key left gets out = 0.
 typedef uint32_t vu __attribute__((vector_size(W * sizeof(uint32_t))));
 
 inline vu lowbias32(vu x) {
@@ -499,55 +517,109 @@ inline vf dot_lanes4(const vf* qd, const float* key) {
   }
 }
 
-inline vu lane_rows(uint32_t first, uint32_t stride) {
+// The selected query rows (rows[t] > 0) and keys (cols[k] > 0) of one item, as index lists
+// (n and nk of them) padded with index 0 to a multiple of W. False when either is empty.
+bool select_rows(const float* rows, int T, const float* cols, int S, std::vector<int>& act,
+                 std::vector<int>& keys, int* n, int* nk) {
+  act.clear();
+  keys.clear();
+  for (int t = 0; t < T; ++t)
+    if (rows[t] > 0.0f) act.push_back(t);
+  for (int k = 0; k < S; ++k)
+    if (cols[k] > 0.0f) keys.push_back(k);
+  *n = static_cast<int>(act.size());
+  *nk = static_cast<int>(keys.size());
+  if (act.empty() || keys.empty()) return false;
+  act.resize((act.size() + W - 1) / W * W, 0);
+  keys.resize((keys.size() + W - 1) / W * W, 0);
+  return true;
+}
+
+// Rows idx[a] (a < n) of x (row stride `stride`, D values) times `scale`, transposed to
+// (D, np) with np = idx.size(); padding lanes are 0.
+void gather_rows(const float* x, const std::vector<int>& idx, int n, int D, int stride,
+                 float scale, float* xt) {
+  const size_t np = idx.size();
+  std::fill(xt, xt + static_cast<size_t>(D) * np, 0.0f);
+  for (int a = 0; a < n; ++a)
+    for (int d = 0; d < D; ++d)
+      xt[static_cast<size_t>(d) * np + a] = scale * x[static_cast<size_t>(idx[a]) * stride + d];
+}
+
+// Dropout counters first + idx[a0 + l]·stride of W lanes.
+inline vu lane_index(const int* idx, uint32_t first, uint32_t stride) {
   vu r;
-  for (int l = 0; l < W; ++l) r[l] = first + static_cast<uint32_t>(l) * stride;
+  for (int l = 0; l < W; ++l) r[l] = first + static_cast<uint32_t>(idx[l]) * stride;
   return r;
 }
 
 template <int D>
 void masked_forward_item(const float* q, const float* k, const float* v, const float* bias,
-                         int T, int S, int HD, float scale, const Drop& drop, uint32_t base,
-                         float* out, float* m, float* z, std::vector<float>& buf) {
-  const int Tp = (T + W - 1) / W * W;
+                         const float* rows, const float* cols, int T, int S, int HD,
+                         float scale, const Drop& drop, uint32_t base, float* out, float* m,
+                         float* z, std::vector<float>& buf, std::vector<int>& act,
+                         std::vector<int>& keys) {
+  // rows left out: out = 0, m = 0, z = 1 (the backward pass skips them as well)
+  for (int t = 0; t < T; ++t) {
+    std::fill(out + static_cast<size_t>(t) * HD, out + static_cast<size_t>(t) * HD + D, 0.0f);
+    m[t] = 0.0f;
+    z[t] = 1.0f;
+  }
+  int n, nk;
+  if (!select_rows(rows, T, cols, S, act, keys, &n, &nk)) return;
+  const int Tp = static_cast<int>(act.size());
   buf.resize(static_cast<size_t>(D) * Tp);
   float* qt = buf.data();
-  transpose_rows(q, T, D, HD, Tp, scale, qt);
+  gather_rows(q, act, n, D, HD, scale, qt);
   for (int t0 = 0; t0 < Tp; t0 += W) {
     vf qd[D];
     for (int d = 0; d < D; ++d) qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
     vf mx = splat(-__builtin_inff());
-    for (int key = 0; key < S; ++key)
+    for (int j = 0; j < nk; ++j) {
+      const int key = keys[j];
       mx = vmax(mx, dot_lanes4<D>(qd, k + static_cast<size_t>(key) * HD) + bias[key]);
-    const vu rows = lane_rows(base + static_cast<uint32_t>(t0) * S, S);
+    }
+    const vu idx = lane_index(act.data() + t0, base, S);
     vf zs = splat(0.0f);
     vf ns[D];
     for (int d = 0; d < D; ++d) ns[d] = splat(0.0f);
-    for (int key = 0; key < S; ++key) {
+    for (int j = 0; j < nk; ++j) {
+      const int key = keys[j];
       const vf e = exp_nonpositive(dot_lanes4<D>(qd, k + static_cast<size_t>(key) * HD) + bias[key] - mx);
       zs = zs + e;
-      const vf w = drop.threshold ? e * drop.keep(rows + static_cast<uint32_t>(key)) : e;
+      const vf w = drop.threshold ? e * drop.keep(idx + static_cast<uint32_t>(key)) : e;
       const float* vk = v + static_cast<size_t>(key) * HD;
       for (int d = 0; d < D; ++d) ns[d] = ns[d] + w * vk[d];
     }
     const vf rz = 1.0f / zs;
-    const int lanes = std::min(W, T - t0);
+    const int lanes = std::min(W, n - t0);
     for (int l = 0; l < lanes; ++l) {
-      m[t0 + l] = mx[l];
-      z[t0 + l] = zs[l];
-      for (int d = 0; d < D; ++d) out[static_cast<size_t>(t0 + l) * HD + d] = ns[d][l] * rz[l];
+      const int t = act[t0 + l];
+      m[t] = mx[l];
+      z[t] = zs[l];
+      for (int d = 0; d < D; ++d) out[static_cast<size_t>(t) * HD + d] = ns[d][l] * rz[l];
     }
   }
 }
 
 // Two passes: dq with the queries in the vector lanes, then dk and dv with the keys in the
-// lanes, so that every accumulator stays in registers or L1.
+// lanes, so that every accumulator stays in registers or L1. Rows and keys left out get 0.
 template <int D>
 void masked_backward_item(const float* q, const float* k, const float* v, const float* bias,
-                          const float* m, const float* z, const float* out, const float* dout,
-                          int T, int S, int HD, float scale, const Drop& drop, uint32_t base,
-                          float* dq, float* dk, float* dv, std::vector<float>& buf) {
-  const int Tp = (T + W - 1) / W * W, Sp = (S + W - 1) / W * W;
+                          const float* rows, const float* cols, const float* m, const float* z,
+                          const float* out, const float* dout, int T, int S, int HD,
+                          float scale, const Drop& drop, uint32_t base, float* dq, float* dk,
+                          float* dv, std::vector<float>& buf, std::vector<int>& act,
+                          std::vector<int>& keys) {
+  for (int t = 0; t < T; ++t)
+    std::fill(dq + static_cast<size_t>(t) * HD, dq + static_cast<size_t>(t) * HD + D, 0.0f);
+  for (int s = 0; s < S; ++s) {
+    std::fill(dk + static_cast<size_t>(s) * HD, dk + static_cast<size_t>(s) * HD + D, 0.0f);
+    std::fill(dv + static_cast<size_t>(s) * HD, dv + static_cast<size_t>(s) * HD + D, 0.0f);
+  }
+  int n, nk;
+  if (!select_rows(rows, T, cols, S, act, keys, &n, &nk)) return;
+  const int Tp = static_cast<int>(act.size()), Sp = static_cast<int>(keys.size());
   // qt, gt (D, Tp); mt, rzt, delta (Tp); kt, vt (D, Sp); bt (Sp)
   buf.assign(static_cast<size_t>(2 * D + 3) * Tp + static_cast<size_t>(2 * D + 1) * Sp, 0.0f);
   float* qt = buf.data();
@@ -558,21 +630,22 @@ void masked_backward_item(const float* q, const float* k, const float* v, const 
   float* kt = delta + Tp;
   float* vt = kt + static_cast<size_t>(D) * Sp;
   float* bt = vt + static_cast<size_t>(D) * Sp;
-  transpose_rows(q, T, D, HD, Tp, scale, qt);
-  transpose_rows(dout, T, D, HD, Tp, 1.0f, gt);
-  transpose_rows(k, S, D, HD, Sp, 1.0f, kt);
-  transpose_rows(v, S, D, HD, Sp, 1.0f, vt);
+  gather_rows(q, act, n, D, HD, scale, qt);
+  gather_rows(dout, act, n, D, HD, 1.0f, gt);
+  gather_rows(k, keys, nk, D, HD, 1.0f, kt);
+  gather_rows(v, keys, nk, D, HD, 1.0f, vt);
   // padding lanes: queries with q = dout = 0 and 1/z = 0, keys with bias −inf: p = 0 there
-  for (int t = 0; t < T; ++t) {
-    mt[t] = m[t];
-    rzt[t] = 1.0f / z[t];
+  for (int a = 0; a < n; ++a) {
+    const int t = act[a];
+    mt[a] = m[t];
+    rzt[a] = 1.0f / z[t];
     float dot = 0.0f;
     for (int d = 0; d < D; ++d)
       dot += dout[static_cast<size_t>(t) * HD + d] * out[static_cast<size_t>(t) * HD + d];
-    delta[t] = dot;
+    delta[a] = dot;
   }
-  std::copy(bias, bias + S, bt);
-  std::fill(bt + S, bt + Sp, -__builtin_inff());
+  for (int j = 0; j < nk; ++j) bt[j] = bias[keys[j]];
+  std::fill(bt + nk, bt + Sp, -__builtin_inff());
   // pass 1: dq_t = scale Σ_k ds_tk k_k
   for (int t0 = 0; t0 < Tp; t0 += W) {
     vf qd[D], gd[D], dqd[D];
@@ -582,17 +655,19 @@ void masked_backward_item(const float* q, const float* k, const float* v, const 
       dqd[d] = splat(0.0f);
     }
     const vf mx = load(mt + t0), rz = load(rzt + t0), dl = load(delta + t0);
-    const vu rows = lane_rows(base + static_cast<uint32_t>(t0) * S, S);
-    for (int key = 0; key < S; ++key) {
+    const vu idx = lane_index(act.data() + t0, base, S);
+    for (int j = 0; j < nk; ++j) {
+      const int key = keys[j];
       const float* kk = k + static_cast<size_t>(key) * HD;
       const vf p = exp_nonpositive(dot_lanes4<D>(qd, kk) + bias[key] - mx) * rz;
-      const vf pk = drop.threshold ? p * drop.keep(rows + static_cast<uint32_t>(key)) : p;
+      const vf pk = drop.threshold ? p * drop.keep(idx + static_cast<uint32_t>(key)) : p;
       const vf ds = pk * dot_lanes4<D>(gd, v + static_cast<size_t>(key) * HD) - p * dl;
       for (int d = 0; d < D; ++d) dqd[d] = dqd[d] + ds * kk[d];
     }
-    const int lanes = std::min(W, T - t0);
+    const int lanes = std::min(W, n - t0);
     for (int l = 0; l < lanes; ++l)
-      for (int d = 0; d < D; ++d) dq[static_cast<size_t>(t0 + l) * HD + d] = scale * dqd[d][l];
+      for (int d = 0; d < D; ++d)
+        dq[static_cast<size_t>(act[t0 + l]) * HD + d] = scale * dqd[d][l];
   }
   // pass 2: dk_k = scale Σ_t ds_tk q_t, dv_k = Σ_t p_tk keep_tk/keep_prob dout_t
   for (int s0 = 0; s0 < Sp; s0 += W) {
@@ -603,23 +678,24 @@ void masked_backward_item(const float* q, const float* k, const float* v, const 
       dkd[d] = dvd[d] = splat(0.0f);
     }
     const vf bl = load(bt + s0);
-    const vu cols = lane_rows(base + static_cast<uint32_t>(s0), 1);
-    for (int t = 0; t < T; ++t) {
+    const vu idx = lane_index(keys.data() + s0, base, 1);
+    for (int a = 0; a < n; ++a) {
+      const int t = act[a];
       const float* qr = q + static_cast<size_t>(t) * HD;
       const float* gr = dout + static_cast<size_t>(t) * HD;
-      const vf p = exp_nonpositive(dot_lanes4<D>(kd, qr) * scale + bl - mt[t]) * rzt[t];
-      const vf pk = drop.threshold ? p * drop.keep(cols + static_cast<uint32_t>(t) * S) : p;
-      const vf ds = pk * dot_lanes4<D>(vd, gr) - p * delta[t];
+      const vf p = exp_nonpositive(dot_lanes4<D>(kd, qr) * scale + bl - mt[a]) * rzt[a];
+      const vf pk = drop.threshold ? p * drop.keep(idx + static_cast<uint32_t>(t) * S) : p;
+      const vf ds = pk * dot_lanes4<D>(vd, gr) - p * delta[a];
       for (int d = 0; d < D; ++d) {
         dkd[d] = dkd[d] + ds * qr[d];
         dvd[d] = dvd[d] + pk * gr[d];
       }
     }
-    const int lanes = std::min(W, S - s0);
+    const int lanes = std::min(W, nk - s0);
     for (int l = 0; l < lanes; ++l)
       for (int d = 0; d < D; ++d) {
-        dk[static_cast<size_t>(s0 + l) * HD + d] = scale * dkd[d][l];
-        dv[static_cast<size_t>(s0 + l) * HD + d] = dvd[d][l];
+        dk[static_cast<size_t>(keys[s0 + l]) * HD + d] = scale * dkd[d][l];
+        dv[static_cast<size_t>(keys[s0 + l]) * HD + d] = dvd[d][l];
       }
   }
 }
@@ -946,6 +1022,7 @@ struct MaskedShapes {
 
 ffi::Error check_masked(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimensions kd,
                         ffi::AnyBuffer::Dimensions vd, ffi::AnyBuffer::Dimensions bd,
+                        ffi::AnyBuffer::Dimensions rd, ffi::AnyBuffer::Dimensions cd,
                         ffi::AnyBuffer::Dimensions sd, int64_t threshold, float keep_prob,
                         MaskedShapes* out) {
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || bd.size() != 2 || sd.size() != 1)
@@ -956,6 +1033,9 @@ ffi::Error check_masked(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimension
       return ffi::Error::InvalidArgument("cider masked attention: q, k, v disagree in G, H or D");
   if (kd[1] != vd[1] || bd[0] != qd[0] || bd[1] != kd[1] || sd[0] != 2)
     return ffi::Error::InvalidArgument("cider masked attention: k, v, bias disagree in S, or seed is not (2,)");
+  if (rd.size() != 2 || cd.size() != 2 || rd[0] != qd[0] || rd[1] != qd[1] || cd[0] != qd[0] ||
+      cd[1] != kd[1])
+    return ffi::Error::InvalidArgument("cider masked attention: rows must be (G, T) and cols (G, S)");
   if (qd[0] * qd[2] * qd[1] * kd[1] >= (int64_t{1} << 32))
     return ffi::Error::InvalidArgument("cider masked attention: the weights exceed a 32-bit dropout counter");
   if (threshold < 0 || threshold >= (int64_t{1} << 32) || !(keep_prob > 0.0f))
@@ -965,18 +1045,19 @@ ffi::Error check_masked(ffi::AnyBuffer::Dimensions qd, ffi::AnyBuffer::Dimension
   return ffi::Error::Success();
 }
 
-// Runs item(D as an integral constant, i, g, h, q offset, k offset, scratch) for every
-// item i = g·H + h of the masked attention, on the intra-op pool.
+// Runs item(D as an integral constant, i, g, q offset, k offset, scratch) for every item
+// i = g·H + h of the masked attention, on the intra-op pool.
 template <typename ItemFn>
 ffi::Error for_each_masked_item(ffi::ThreadPool& pool, const MaskedShapes& sh, ItemFn&& item) {
   return dispatch_d(sh.D, [&](auto dc) {
     constexpr int D = decltype(dc)::value;
     parallel_for(pool, sh.G * sh.H, [&](int begin, int end) {
       std::vector<float> buf;
+      std::vector<int> act, keys;
       for (int i = begin; i < end; ++i) {
         const int g = i / sh.H, h = i % sh.H;
         item(dc, i, g, (static_cast<size_t>(g) * sh.T * sh.H + h) * D,
-             (static_cast<size_t>(g) * sh.S * sh.H + h) * D, buf);
+             (static_cast<size_t>(g) * sh.S * sh.H + h) * D, buf, act, keys);
       }
     });
   });
@@ -993,30 +1074,35 @@ Drop make_drop(const uint32_t* seed, int64_t threshold, float keep_prob) {
 
 ffi::Error MaskedForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                          ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
+                         ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::F32> cols,
                          ffi::Buffer<ffi::U32> seed, float scale, int64_t threshold,
                          float keep_prob, ffi::ResultBuffer<ffi::F32> out,
                          ffi::ResultBuffer<ffi::F32> m, ffi::ResultBuffer<ffi::F32> z) {
   MaskedShapes sh;
   if (auto err = check_masked(q.dimensions(), k.dimensions(), v.dimensions(), bias.dimensions(),
-                              seed.dimensions(), threshold, keep_prob, &sh);
+                              rows.dimensions(), cols.dimensions(), seed.dimensions(), threshold,
+                              keep_prob, &sh);
       err.failure())
     return err;
   const Drop drop = make_drop(seed.typed_data(), threshold, keep_prob);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(),
-              *bp = bias.typed_data();
+              *bp = bias.typed_data(), *rp = rows.typed_data(), *cp = cols.typed_data();
   float *op = out->typed_data(), *mp = m->typed_data(), *zp = z->typed_data();
   const int HD = sh.H * sh.D;
   return for_each_masked_item(pool, sh, [&](auto dc, int i, int g, size_t qo, size_t ko,
-                                            std::vector<float>& buf) {
-    const size_t ro = static_cast<size_t>(i) * sh.T;
+                                            std::vector<float>& buf, std::vector<int>& act,
+                                            std::vector<int>& keys) {
+    const size_t ro = static_cast<size_t>(i) * sh.T, go = static_cast<size_t>(g);
     masked_forward_item<decltype(dc)::value>(
-        qp + qo, kp + ko, vp + ko, bp + static_cast<size_t>(g) * sh.S, sh.T, sh.S, HD, scale,
-        drop, static_cast<uint32_t>(ro * sh.S), op + qo, mp + ro, zp + ro, buf);
+        qp + qo, kp + ko, vp + ko, bp + go * sh.S, rp + go * sh.T, cp + go * sh.S, sh.T, sh.S,
+        HD, scale, drop, static_cast<uint32_t>(ro * sh.S), op + qo, mp + ro, zp + ro, buf, act,
+        keys);
   });
 }
 
 ffi::Error MaskedBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> bias,
+                          ffi::Buffer<ffi::F32> rows, ffi::Buffer<ffi::F32> cols,
                           ffi::Buffer<ffi::U32> seed, ffi::Buffer<ffi::F32> m,
                           ffi::Buffer<ffi::F32> z, ffi::Buffer<ffi::F32> out,
                           ffi::Buffer<ffi::F32> dout, float scale, int64_t threshold,
@@ -1024,22 +1110,25 @@ ffi::Error MaskedBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Bu
                           ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   MaskedShapes sh;
   if (auto err = check_masked(q.dimensions(), k.dimensions(), v.dimensions(), bias.dimensions(),
-                              seed.dimensions(), threshold, keep_prob, &sh);
+                              rows.dimensions(), cols.dimensions(), seed.dimensions(), threshold,
+                              keep_prob, &sh);
       err.failure())
     return err;
   const Drop drop = make_drop(seed.typed_data(), threshold, keep_prob);
   const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data(),
               *bp = bias.typed_data(), *mp = m.typed_data(), *zp = z.typed_data(),
-              *op = out.typed_data(), *gp = dout.typed_data();
+              *op = out.typed_data(), *gp = dout.typed_data(), *rp = rows.typed_data(),
+              *cp = cols.typed_data();
   float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
   const int HD = sh.H * sh.D;
   return for_each_masked_item(pool, sh, [&](auto dc, int i, int g, size_t qo, size_t ko,
-                                            std::vector<float>& buf) {
-    const size_t ro = static_cast<size_t>(i) * sh.T;
+                                            std::vector<float>& buf, std::vector<int>& act,
+                                            std::vector<int>& keys) {
+    const size_t ro = static_cast<size_t>(i) * sh.T, go = static_cast<size_t>(g);
     masked_backward_item<decltype(dc)::value>(
-        qp + qo, kp + ko, vp + ko, bp + static_cast<size_t>(g) * sh.S, mp + ro, zp + ro,
-        op + qo, gp + qo, sh.T, sh.S, HD, scale, drop, static_cast<uint32_t>(ro * sh.S),
-        dqp + qo, dkp + ko, dvp + ko, buf);
+        qp + qo, kp + ko, vp + ko, bp + go * sh.S, rp + go * sh.T, cp + go * sh.S, mp + ro,
+        zp + ro, op + qo, gp + qo, sh.T, sh.S, HD, scale, drop,
+        static_cast<uint32_t>(ro * sh.S), dqp + qo, dkp + ko, dvp + ko, buf, act, keys);
   });
 }
 
@@ -1260,6 +1349,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderMaskedAttentionForward, MaskedForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U32>>()
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("threshold")
@@ -1271,6 +1362,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderMaskedAttentionForward, MaskedForward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderMaskedAttentionBackward, MaskedBackward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

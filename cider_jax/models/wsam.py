@@ -8,9 +8,6 @@ import numpy as np
 from cider_jax.kernels import attention as native_attention
 
 NEG = -1e9
-# the native kernel's bias of a padded key: exp(s − 1e30 − max) is exactly 0 next to any
-# valid key, and with no valid key the row's output is zeroed anyway
-_KEY_OFF = -1e30
 
 
 def wsam_rows(text_mask, text_lengths):
@@ -43,12 +40,12 @@ class WSAM(nn.Module):
     k = dense('key')(other)
     v = dense('value')(other)
     if self.kernel == 'native':
-      bias = jnp.where(cols > 0, 0.0, _KEY_OFF).astype(jnp.float32)
+      # only the rows in `rows` and the valid keys are computed; the others' output is 0
       out = native_attention.masked_attention(
           q[:, :, None].astype(jnp.float32), k[:, :, None].astype(jnp.float32),
-          v[:, :, None].astype(jnp.float32), bias, jnp.zeros((2,), jnp.uint32), 1.0, 0, 1.0)
-      on = rows * jnp.max((cols > 0).astype(rows.dtype), axis=1, keepdims=True)
-      return dense('out')(out[:, :, 0] * on[..., None])
+          v[:, :, None].astype(jnp.float32), jnp.zeros(cols.shape, jnp.float32),
+          jnp.zeros((2,), jnp.uint32), 1.0, 0, 1.0, rows=rows, cols=cols)
+      return dense('out')(out[:, :, 0])
     if self.kernel != 'xla':
       raise ValueError(f"WSAM kernel must be 'xla' or 'native', got {self.kernel!r}")
     mask = rows[:, :, None] * cols[:, None, :]
