@@ -341,9 +341,9 @@ void kl_backward_item(const float* qa, const float* ka, const float* qb, const f
 //   gh = h W[m] + c[m],  r = σ(gx_r + gh_r),  u = σ(gx_z + gh_z),  n = tanh(gx_n + r·gh_n),
 //   h ← (1 − u) n + u h,
 // with gx (M, B, T, 3H) the input projections (bias included), W (M, H, 3H), c (M, 3H); the
-// states are written to hs (M, B, T, H). The backward pass runs the steps in reverse,
-// recomputing the gates from the stored states, and writes dgx (M, B, T, 3H) and, per item,
-// partial dW (H, 3H) and dc (3H) for the caller to sum over b.
+// states are written to hs (M, B, T, H) and the hidden parts gh to ghs (M, B, T, 3H). The
+// backward pass runs the steps in reverse, recomputing the gates from gx and ghs, and writes
+// dgx (M, B, T, 3H) and dghs (M, B, T, 3H), the gradient of gh (the caller forms dW and dc).
 // σ(x) = 1 / (1 + e^−x) from e = exp(−|x|) ≤ 1, without cancellation for either sign.
 inline vf sigmoid_v(vf x) {
   const vf e = exp_nonpositive(x > 0.0f ? -x : x);
@@ -367,17 +367,33 @@ inline vf tanh_v(vf x) {
   return ax < 0.625f ? small : (x < 0.0f ? -big : big);
 }
 
-// gh = c + h W (G = 3H outputs, W row-major (H, G))
+// gh = c + h W (G = 3H outputs), W row-major (H, Gp) and c (Gp) padded with zeros to Gp, a
+// multiple of W: one vector accumulator per W outputs, in registers across the H products.
 inline void hidden_gates(const float* __restrict h, const float* __restrict w,
-                         const float* __restrict c, int H, float* __restrict gh) {
-  const int G = 3 * H;
-  std::copy(c, c + G, gh);
-  for (int k = 0; k < H; ++k) {
-    const float hk = h[k];
-    const float* __restrict row = w + static_cast<size_t>(k) * G;
-    for (int j = 0; j < G; ++j) gh[j] += hk * row[j];
+                         const float* __restrict c, int H, int Gp, float* __restrict gh) {
+  for (int j0 = 0; j0 < Gp; j0 += W) {
+    vf acc = load(c + j0);
+    for (int k = 0; k < H; ++k) acc = acc + h[k] * load(w + static_cast<size_t>(k) * Gp + j0);
+    store(gh + j0, acc);
   }
 }
+
+// The weights of one GRU laid out for the kernels: W padded to (H, Gp), c to (Gp), and Wᵀ
+// (G, Hp) padded to Hp columns (Gp, Hp: 3H and H rounded up to W).
+struct GruWeights {
+  int H, G, Gp, Hp;
+  std::vector<float> w, c, wt;
+  GruWeights(const float* w0, const float* c0, int H_)
+      : H(H_), G(3 * H_), Gp((3 * H_ + W - 1) / W * W), Hp((H_ + W - 1) / W * W),
+        w(static_cast<size_t>(H_) * Gp, 0.0f), c(Gp, 0.0f), wt(static_cast<size_t>(G) * Hp, 0.0f) {
+    for (int k = 0; k < H; ++k)
+      for (int j = 0; j < G; ++j) {
+        w[static_cast<size_t>(k) * Gp + j] = w0[static_cast<size_t>(k) * G + j];
+        wt[static_cast<size_t>(j) * Hp + k] = w0[static_cast<size_t>(k) * G + j];
+      }
+    std::copy(c0, c0 + G, c.begin());
+  }
+};
 
 // The gates of one step for all H units, W at a time: r, u, n and the pre-activation
 // hidden part of n (gh_n), into arrays of Hp = H rounded up to W (padding lanes are junk).
@@ -396,19 +412,20 @@ inline void gru_gates(const float* g, const float* gh, int H, int Hp, float* a, 
   for (int j0 = 0; j0 < Hp; j0 += W) store(n + j0, tanh_v(load(a + 2 * Hp + j0)));
 }
 
-void gru_forward_item(const float* gx, const float* w, const float* c, int T, int H, float* hs,
+void gru_forward_item(const float* gx, const GruWeights& wt, int T, float* hs, float* ghs,
                       std::vector<float>& buf) {
-  const int G = 3 * H, Hp = (H + W - 1) / W * W;
-  buf.assign(static_cast<size_t>(H + G + 6 * Hp), 0.0f);
+  const int H = wt.H, G = wt.G, Gp = wt.Gp, Hp = wt.Hp;
+  buf.assign(static_cast<size_t>(H + Gp + 6 * Hp), 0.0f);
   float* h = buf.data();
   float* gh = h + H;
-  float* a = gh + G;
+  float* a = gh + Gp;
   float* r = a + 3 * Hp;
   float* u = r + Hp;
   float* n = u + Hp;
   for (int t = 0; t < T; ++t) {
     const float* g = gx + static_cast<size_t>(t) * G;
-    hidden_gates(h, w, c, H, gh);
+    hidden_gates(h, wt.w.data(), wt.c.data(), H, Gp, gh);
+    std::copy(gh, gh + G, ghs + static_cast<size_t>(t) * G);
     gru_gates(g, gh, H, Hp, a, r, u, n);
     float* out = hs + static_cast<size_t>(t) * H;
     for (int j = 0; j < H; ++j) out[j] = (1.0f - u[j]) * n[j] + u[j] * h[j];
@@ -416,28 +433,28 @@ void gru_forward_item(const float* gx, const float* w, const float* c, int T, in
   }
 }
 
-void gru_backward_item(const float* gx, const float* w, const float* c, const float* hs,
-                       const float* dhs, int T, int H, float* dgx, float* dw, float* dc,
-                       std::vector<float>& buf) {
-  const int G = 3 * H, Hp = (H + W - 1) / W * W;
-  buf.assign(static_cast<size_t>(3 * H + 2 * G + 6 * Hp), 0.0f);
-  float* dh = buf.data();
-  float* zero = dh + H;
-  float* gh = zero + H;
-  float* dgh = gh + G;
-  float* dh_prev = dgh + G;
-  float* a = dh_prev + H;
+// The stored hidden parts gh of every step stand in for h W: each step's backward is the
+// gates' derivatives and dh_prev = d·u + dgh Wᵀ (vectors over the H outputs, four partial
+// sums); dW = Σ_t h_prevᵀ dgh and dc = Σ_t dgh are left to the caller (one matmul over all
+// items and steps).
+void gru_backward_item(const float* gx, const GruWeights& wt, const float* hs, const float* ghs,
+                       const float* dhs, int T, float* dgx, float* dghs, std::vector<float>& buf) {
+  const int H = wt.H, G = wt.G, Hp = wt.Hp;
+  buf.assign(static_cast<size_t>(H + 8 * Hp + G), 0.0f);
+  float* zero = buf.data();
+  float* dh = zero + H;
+  float* dh_prev = dh + Hp;
+  float* a = dh_prev + Hp;
   float* r = a + 3 * Hp;
   float* u = r + Hp;
   float* n = u + Hp;
-  std::fill(dw, dw + static_cast<size_t>(H) * G, 0.0f);
-  std::fill(dc, dc + G, 0.0f);
+  float* dgh = n + Hp;
   for (int t = T - 1; t >= 0; --t) {
     const float* g = gx + static_cast<size_t>(t) * G;
+    const float* gh = ghs + static_cast<size_t>(t) * G;
     const float* h_prev = t > 0 ? hs + static_cast<size_t>(t - 1) * H : zero;
     const float* dout = dhs + static_cast<size_t>(t) * H;
     float* dg = dgx + static_cast<size_t>(t) * G;
-    hidden_gates(h_prev, w, c, H, gh);
     gru_gates(g, gh, H, Hp, a, r, u, n);
     for (int j = 0; j < H; ++j) {
       const float d = dh[j] + dout[j];
@@ -452,19 +469,14 @@ void gru_backward_item(const float* gx, const float* w, const float* c, const fl
       dgh[2 * H + j] = dn * r[j];
       dh_prev[j] = d * u[j];
     }
-    for (int j = 0; j < G; ++j) dc[j] += dgh[j];
-    for (int k = 0; k < H; ++k) {
-      const float hk = h_prev[k];
-      const float* __restrict row = w + static_cast<size_t>(k) * G;
-      float* __restrict drow = dw + static_cast<size_t>(k) * G;
-      float acc = 0.0f;
-      for (int j = 0; j < G; ++j) {
-        drow[j] += hk * dgh[j];
-        acc += dgh[j] * row[j];
-      }
-      dh_prev[k] += acc;
+    std::copy(dgh, dgh + G, dghs + static_cast<size_t>(t) * G);
+    for (int k0 = 0; k0 < Hp; k0 += W) {
+      vf acc[4] = {splat(0.0f), splat(0.0f), splat(0.0f), splat(0.0f)};
+      const float* col = wt.wt.data() + k0;
+      for (int j = 0; j < G; ++j)
+        acc[j & 3] = acc[j & 3] + dgh[j] * load(col + static_cast<size_t>(j) * Hp);
+      store(dh + k0, load(dh_prev + k0) + ((acc[0] + acc[1]) + (acc[2] + acc[3])));
     }
-    std::copy(dh_prev, dh_prev + H, dh);
   }
 }
 
@@ -1145,45 +1157,59 @@ ffi::Error check_gru(ffi::AnyBuffer::Dimensions gd, ffi::AnyBuffer::Dimensions w
   return ffi::Error::Success();
 }
 
+ffi::Error check_gru_states(int M, int B, int T, int H, ffi::AnyBuffer::Dimensions d, int width) {
+  if (d.size() != 4 || d[0] != M || d[1] != B || d[2] != T || d[3] != width)
+    return ffi::Error::InvalidArgument("cider gru kernel: hs (M, B, T, H), ghs (M, B, T, 3H), dhs (M, B, T, H)");
+  return ffi::Error::Success();
+}
+
+std::vector<GruWeights> gru_weights(const float* w, const float* c, int M, int H) {
+  std::vector<GruWeights> out;
+  const size_t G = 3 * static_cast<size_t>(H);
+  for (int m = 0; m < M; ++m) out.emplace_back(w + m * H * G, c + m * G, H);
+  return out;
+}
+
 ffi::Error GruForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::Buffer<ffi::F32> w,
-                      ffi::Buffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> hs) {
+                      ffi::Buffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> hs,
+                      ffi::ResultBuffer<ffi::F32> ghs) {
   int M, B, T, H;
   if (auto err = check_gru(gx.dimensions(), w.dimensions(), c.dimensions(), &M, &B, &T, &H);
       err.failure())
     return err;
-  const float *gp = gx.typed_data(), *wp = w.typed_data(), *cp = c.typed_data();
-  float* hp = hs->typed_data();
-  const size_t G = 3 * static_cast<size_t>(H);
+  const float* gp = gx.typed_data();
+  float *hp = hs->typed_data(), *ghp = ghs->typed_data();
+  const size_t G = 3 * static_cast<size_t>(H), Hs = static_cast<size_t>(H);
+  const std::vector<GruWeights> weights = gru_weights(w.typed_data(), c.typed_data(), M, H);
   parallel_for(pool, M * B, [&](int begin, int end) {
     std::vector<float> buf;
-    for (int i = begin; i < end; ++i) {
-      const int m = i / B;
-      gru_forward_item(gp + i * T * G, wp + m * H * G, cp + m * G, T, H, hp + i * T * static_cast<size_t>(H), buf);
-    }
+    for (int i = begin; i < end; ++i)
+      gru_forward_item(gp + i * T * G, weights[i / B], T, hp + i * T * Hs, ghp + i * T * G, buf);
   });
   return ffi::Error::Success();
 }
 
 ffi::Error GruBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gx, ffi::Buffer<ffi::F32> w,
                        ffi::Buffer<ffi::F32> c, ffi::Buffer<ffi::F32> hs,
-                       ffi::Buffer<ffi::F32> dhs, ffi::ResultBuffer<ffi::F32> dgx,
-                       ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> dc) {
+                       ffi::Buffer<ffi::F32> ghs, ffi::Buffer<ffi::F32> dhs,
+                       ffi::ResultBuffer<ffi::F32> dgx, ffi::ResultBuffer<ffi::F32> dghs) {
   int M, B, T, H;
   if (auto err = check_gru(gx.dimensions(), w.dimensions(), c.dimensions(), &M, &B, &T, &H);
       err.failure())
     return err;
-  const float *gp = gx.typed_data(), *wp = w.typed_data(), *cp = c.typed_data(),
-              *hp = hs.typed_data(), *dhp = dhs.typed_data();
-  float *dgp = dgx->typed_data(), *dwp = dw->typed_data(), *dcp = dc->typed_data();
+  for (auto [d, width] : {std::pair{hs.dimensions(), H}, std::pair{ghs.dimensions(), 3 * H},
+                          std::pair{dhs.dimensions(), H}})
+    if (auto err = check_gru_states(M, B, T, H, d, width); err.failure()) return err;
+  const float *gp = gx.typed_data(), *hp = hs.typed_data(), *ghp = ghs.typed_data(),
+              *dhp = dhs.typed_data();
+  float *dgp = dgx->typed_data(), *dghp = dghs->typed_data();
   const size_t G = 3 * static_cast<size_t>(H), Hs = static_cast<size_t>(H);
+  const std::vector<GruWeights> weights = gru_weights(w.typed_data(), c.typed_data(), M, H);
   parallel_for(pool, M * B, [&](int begin, int end) {
     std::vector<float> buf;
-    for (int i = begin; i < end; ++i) {
-      const int m = i / B;
-      gru_backward_item(gp + i * T * G, wp + m * Hs * G, cp + m * G, hp + i * T * Hs,
-                        dhp + i * T * Hs, T, H, dgp + i * T * G, dwp + i * Hs * G, dcp + i * G,
-                        buf);
-    }
+    for (int i = begin; i < end; ++i)
+      gru_backward_item(gp + i * T * G, weights[i / B], hp + i * T * Hs, ghp + i * T * G,
+                        dhp + i * T * Hs, T, dgp + i * T * G, dghp + i * T * G, buf);
   });
   return ffi::Error::Success();
 }
@@ -1328,6 +1354,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderGruForward, GruForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderGruBackward, GruBackward,
@@ -1338,7 +1365,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderGruBackward, GruBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
