@@ -121,9 +121,35 @@ void untranspose_queries(const float* qt, int T, int D, int Tp, float* q) {
     for (int d = 0; d < D; ++d) q[t * D + d] = qt[static_cast<size_t>(d) * Tp + t];
 }
 
-// out[r] = the sum of the W lanes of acc[r] for r < rows (acc is (rows, W)).
+// Pairwise sums of two vectors' lanes by a shuffle network: sum_pairs<S>(a, b) adds lanes l
+// and l + S within each block of 2S lanes, a's blocks to the low half, b's to the high half.
+template <int S>
+inline vf sum_pairs(vf a, vf b) {
+  vi lo, hi;
+  for (int l = 0; l < W; ++l) {
+    const int src = (l % (W / 2)) / S * 2 * S + l % S + (l < W / 2 ? 0 : W);
+    lo[l] = src;
+    hi[l] = src + S;
+  }
+  return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
+}
+
+// out[r] = the sum of the W lanes of acc[r] for r < rows (acc is (rows, W)); 16 rows at a
+// time through a transposing shuffle-and-add network (15 adds instead of 240).
 void reduce_lanes(const float* acc, int rows, float* out) {
-  for (int r = 0; r < rows; ++r) {
+  static_assert(W == 16, "the network below is for 16 lanes");
+  int r = 0;
+  for (; r + W <= rows; r += W) {
+    const float* a = acc + static_cast<size_t>(r) * W;
+    vf x[16];
+    for (int i = 0; i < 16; ++i) x[i] = load(a + i * W);
+    vf y[8], z[4], w[2];
+    for (int i = 0; i < 8; ++i) y[i] = sum_pairs<8>(x[2 * i], x[2 * i + 1]);
+    for (int i = 0; i < 4; ++i) z[i] = sum_pairs<4>(y[2 * i], y[2 * i + 1]);
+    for (int i = 0; i < 2; ++i) w[i] = sum_pairs<2>(z[2 * i], z[2 * i + 1]);
+    store(out + r, sum_pairs<1>(w[0], w[1]));
+  }
+  for (; r < rows; ++r) {
     float sum = 0.0f;
     for (int l = 0; l < W; ++l) sum += acc[static_cast<size_t>(r) * W + l];
     out[r] = sum;
@@ -851,10 +877,13 @@ void composite_backward_item(const float* qkv, const float* mz, const float* out
   for (int j = 0; j < 3; ++j) {
     const float* kb = qkv + static_cast<size_t>(j) * L * ks + E + h * D;
     block_backward<D>(qt, Tp, kb, kb + E, ks, L, mt(j), mt(j) + Tp, mt(j) + 2 * Tp, dqt, dka, dva);
+    // lane sums into the front of the accumulators (row r's sum lands at or before row r)
+    reduce_lanes(dka, L * D, dka);
+    reduce_lanes(dva, L * D, dva);
     for (int key = 0; key < L; ++key) {
       float* dk = dqkv + static_cast<size_t>(j * L + key) * ks + E + h * D;
-      reduce_lanes(dka + static_cast<size_t>(key) * D * W, D, dk);
-      reduce_lanes(dva + static_cast<size_t>(key) * D * W, D, dk + E);
+      std::copy(dka + key * D, dka + (key + 1) * D, dk);
+      std::copy(dva + key * D, dva + (key + 1) * D, dk + E);
     }
   }
   for (int t = 0; t < T; ++t)
