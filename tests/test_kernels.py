@@ -276,10 +276,10 @@ def test_gru_recurrence_rejects_mismatched_shapes():
 def test_attention_kernel_resolution():
   assert spec.resolve_kernels('xla', 4) == 'xla'
   assert spec.resolve_kernels('auto', 4) == 'native'  # CPU backend, kernels built
-  assert spec.resolve_kernels('auto', 64) == 'xla'
+  assert spec.resolve_kernels('auto', 12) == 'xla'
   assert spec.resolve_kernels('native', 4) == 'native'
-  with pytest.raises(ValueError, match='head size 64'):
-    spec.resolve_kernels('native', 64)
+  with pytest.raises(ValueError, match='head size 12'):
+    spec.resolve_kernels('native', 12)
   with pytest.raises(ValueError, match='model.kernels'):
     spec.resolve_kernels('fast', 4)
   c = default.get_config()
@@ -367,11 +367,13 @@ def _masked_reference(q, k, v, bias, keep, scale, keep_prob, dout, rows, cols):
 
 
 # (G, T, S, H, D, dropout rate, select): lengths off the 16 lanes, one and several heads, the
-# BERT (12 heads of 32, 50 tokens, dropout 0.1) and WSAM (one head, 375 frames) shapes;
+# BERT (12 heads of 32, 50 tokens, dropout 0.1) and WSAM (one head, 375 frames) shapes, the
+# head size of bert-base (64);
 # select: random row and key selections, with one group that has no key at all
 MASKED_CASES = [(3, 7, 19, 3, 4, 0.3, True), (2, 21, 5, 2, 24, 0.0, False),
                 (2, 50, 50, 12, 32, 0.1, False), (4, 50, 375, 1, 32, 0.0, True),
-                (2, 17, 33, 4, 8, 0.5, True), (1, 3, 2, 1, 1, 0.0, False)]
+                (2, 17, 33, 4, 8, 0.5, True), (1, 3, 2, 1, 1, 0.0, False),
+                (2, 13, 21, 2, 64, 0.2, True)]
 
 
 @pytest.mark.parametrize('G,T,S,H,D,rate,select', MASKED_CASES)

@@ -28,7 +28,7 @@ import numpy as np
 
 from cider_jax.kernels.library import f32 as _f32
 
-HEAD_SIZES = (1, 2, 4, 8, 16, 24, 32)
+HEAD_SIZES = (1, 2, 4, 8, 16, 24, 32, 64)
 
 
 def supports(head_size: int) -> bool:

@@ -591,6 +591,50 @@ inline vu lane_index(const int* idx, uint32_t first, uint32_t stride) {
   return r;
 }
 
+// Head-size chunk of the masked attention's accumulators: at most 16 vectors live at a time,
+// so no head size spills them (16 for D = 16, 32, 8 for 24, D below 8).
+template <int D>
+constexpr int chunk_of() {
+  return D % 16 == 0 ? 16 : (D % 8 == 0 ? 8 : D);
+}
+
+// s[j] (W lanes, j < nk) = bias[keys[j]] + Σ_d qt[d]·k[keys[j], d] for the W queries of qt
+// (D, Tp) at t0, a chunk of C components at a time (C vectors of queries in registers).
+template <int D>
+void lane_scores(const float* qt, int Tp, int t0, const float* k, int HD, const int* keys,
+                 int nk, const float* bias, float kscale, float* s) {
+  constexpr int C = chunk_of<D>();
+  for (int d0 = 0; d0 < D; d0 += C) {
+    vf qd[C];
+    for (int c = 0; c < C; ++c) qd[c] = load(qt + static_cast<size_t>(d0 + c) * Tp + t0);
+    for (int j = 0; j < nk; ++j) {
+      const float* kk = k + static_cast<size_t>(keys[j]) * HD + d0;
+      const vf prev = d0 == 0 ? splat(bias ? bias[keys[j]] : 0.0f) : load(s + j * W);
+      store(s + j * W, prev + kscale * dot_lanes4<C>(qd, kk));
+    }
+  }
+}
+
+// acc (D, W) = Σ_j w[j]·x[keys[j], :] (W lanes each), written to out[lane l] rows at
+// rows_out[l]·HD (l < lanes) times `scale`, a chunk of C components at a time.
+template <int D>
+void lane_weighted_sum(const float* w, const float* x, int HD, const int* keys, int nk,
+                       const int* rows_out, int lanes, vf scale, float* out) {
+  constexpr int C = chunk_of<D>();
+  for (int d0 = 0; d0 < D; d0 += C) {
+    vf acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = splat(0.0f);
+    for (int j = 0; j < nk; ++j) {
+      const vf wj = load(w + j * W);
+      const float* xr = x + static_cast<size_t>(keys[j]) * HD + d0;
+      for (int c = 0; c < C; ++c) acc[c] = acc[c] + wj * xr[c];
+    }
+    for (int c = 0; c < C; ++c) acc[c] = acc[c] * scale;
+    for (int l = 0; l < lanes; ++l)
+      for (int c = 0; c < C; ++c) out[static_cast<size_t>(rows_out[l]) * HD + d0 + c] = acc[c][l];
+  }
+}
+
 template <int D>
 void masked_forward_item(const float* q, const float* k, const float* v, const float* bias,
                          const float* rows, const float* cols, int T, int S, int HD,
@@ -606,42 +650,35 @@ void masked_forward_item(const float* q, const float* k, const float* v, const f
   int n, nk;
   if (!select_rows(rows, T, cols, S, act, keys, &n, &nk)) return;
   const int Tp = static_cast<int>(act.size());
-  buf.resize(static_cast<size_t>(D) * Tp);
+  // qt (D, Tp); the scores, then the weights, of W queries over the nk keys (nk, W)
+  buf.resize(static_cast<size_t>(D) * Tp + static_cast<size_t>(nk) * W);
   float* qt = buf.data();
+  float* s = qt + static_cast<size_t>(D) * Tp;
   gather_rows(q, act, n, D, HD, scale, qt);
   for (int t0 = 0; t0 < Tp; t0 += W) {
-    vf qd[D];
-    for (int d = 0; d < D; ++d) qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
+    lane_scores<D>(qt, Tp, t0, k, HD, keys.data(), nk, bias, 1.0f, s);
     vf mx = splat(-__builtin_inff());
-    for (int j = 0; j < nk; ++j) {
-      const int key = keys[j];
-      mx = vmax(mx, dot_lanes4<D>(qd, k + static_cast<size_t>(key) * HD) + bias[key]);
-    }
+    for (int j = 0; j < nk; ++j) mx = vmax(mx, load(s + j * W));
     const vu idx = lane_index(act.data() + t0, base, S);
     vf zs = splat(0.0f);
-    vf ns[D];
-    for (int d = 0; d < D; ++d) ns[d] = splat(0.0f);
     for (int j = 0; j < nk; ++j) {
-      const int key = keys[j];
-      const vf e = exp_nonpositive(dot_lanes4<D>(qd, k + static_cast<size_t>(key) * HD) + bias[key] - mx);
+      const vf e = exp_nonpositive(load(s + j * W) - mx);
       zs = zs + e;
-      const vf w = drop.threshold ? e * drop.keep(idx + static_cast<uint32_t>(key)) : e;
-      const float* vk = v + static_cast<size_t>(key) * HD;
-      for (int d = 0; d < D; ++d) ns[d] = ns[d] + w * vk[d];
+      store(s + j * W, drop.threshold ? e * drop.keep(idx + static_cast<uint32_t>(keys[j])) : e);
     }
-    const vf rz = 1.0f / zs;
     const int lanes = std::min(W, n - t0);
+    lane_weighted_sum<D>(s, v, HD, keys.data(), nk, act.data() + t0, lanes, 1.0f / zs, out);
     for (int l = 0; l < lanes; ++l) {
-      const int t = act[t0 + l];
-      m[t] = mx[l];
-      z[t] = zs[l];
-      for (int d = 0; d < D; ++d) out[static_cast<size_t>(t) * HD + d] = ns[d][l] * rz[l];
+      m[act[t0 + l]] = mx[l];
+      z[act[t0 + l]] = zs[l];
     }
   }
 }
 
 // Two passes: dq with the queries in the vector lanes, then dk and dv with the keys in the
-// lanes, so that every accumulator stays in registers or L1. Rows and keys left out get 0.
+// lanes. Each first writes the weights' gradient ds (and the kept weights) of its W lanes to
+// a buffer, then sums them against the other side a chunk of components at a time, so that
+// no accumulator spills. Rows and keys left out get 0.
 template <int D>
 void masked_backward_item(const float* q, const float* k, const float* v, const float* bias,
                           const float* rows, const float* cols, const float* m, const float* z,
@@ -658,8 +695,10 @@ void masked_backward_item(const float* q, const float* k, const float* v, const 
   int n, nk;
   if (!select_rows(rows, T, cols, S, act, keys, &n, &nk)) return;
   const int Tp = static_cast<int>(act.size()), Sp = static_cast<int>(keys.size());
-  // qt, gt (D, Tp); mt, rzt, delta (Tp); kt, vt (D, Sp); bt (Sp)
-  buf.assign(static_cast<size_t>(2 * D + 3) * Tp + static_cast<size_t>(2 * D + 1) * Sp, 0.0f);
+  // qt, gt (D, Tp); mt, rzt, delta (Tp); kt, vt (D, Sp); bt (Sp); per-lane scores and
+  // g·v of pass 1 (nk, W) each; ds and kept weights of pass 2 (n, W) each
+  buf.assign(static_cast<size_t>(2 * D + 3) * Tp + static_cast<size_t>(2 * D + 1) * Sp +
+                 static_cast<size_t>(2) * (nk + n) * W, 0.0f);
   float* qt = buf.data();
   float* gt = qt + static_cast<size_t>(D) * Tp;
   float* mt = gt + static_cast<size_t>(D) * Tp;
@@ -668,6 +707,10 @@ void masked_backward_item(const float* q, const float* k, const float* v, const 
   float* kt = delta + Tp;
   float* vt = kt + static_cast<size_t>(D) * Sp;
   float* bt = vt + static_cast<size_t>(D) * Sp;
+  float* sb = bt + Sp;
+  float* gb = sb + static_cast<size_t>(nk) * W;
+  float* dsb = gb + static_cast<size_t>(nk) * W;
+  float* pkb = dsb + static_cast<size_t>(n) * W;
   gather_rows(q, act, n, D, HD, scale, qt);
   gather_rows(dout, act, n, D, HD, 1.0f, gt);
   gather_rows(k, keys, nk, D, HD, 1.0f, kt);
@@ -686,55 +729,33 @@ void masked_backward_item(const float* q, const float* k, const float* v, const 
   std::fill(bt + nk, bt + Sp, -__builtin_inff());
   // pass 1: dq_t = scale Σ_k ds_tk k_k
   for (int t0 = 0; t0 < Tp; t0 += W) {
-    vf qd[D], gd[D], dqd[D];
-    for (int d = 0; d < D; ++d) {
-      qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
-      gd[d] = load(gt + static_cast<size_t>(d) * Tp + t0);
-      dqd[d] = splat(0.0f);
-    }
+    lane_scores<D>(qt, Tp, t0, k, HD, keys.data(), nk, bias, 1.0f, sb);
+    lane_scores<D>(gt, Tp, t0, v, HD, keys.data(), nk, nullptr, 1.0f, gb);
     const vf mx = load(mt + t0), rz = load(rzt + t0), dl = load(delta + t0);
     const vu idx = lane_index(act.data() + t0, base, S);
     for (int j = 0; j < nk; ++j) {
-      const int key = keys[j];
-      const float* kk = k + static_cast<size_t>(key) * HD;
-      const vf p = exp_nonpositive(dot_lanes4<D>(qd, kk) + bias[key] - mx) * rz;
-      const vf pk = drop.threshold ? p * drop.keep(idx + static_cast<uint32_t>(key)) : p;
-      const vf ds = pk * dot_lanes4<D>(gd, v + static_cast<size_t>(key) * HD) - p * dl;
-      for (int d = 0; d < D; ++d) dqd[d] = dqd[d] + ds * kk[d];
+      const vf p = exp_nonpositive(load(sb + j * W) - mx) * rz;
+      const vf pk = drop.threshold ? p * drop.keep(idx + static_cast<uint32_t>(keys[j])) : p;
+      store(sb + j * W, pk * load(gb + j * W) - p * dl);
     }
-    const int lanes = std::min(W, n - t0);
-    for (int l = 0; l < lanes; ++l)
-      for (int d = 0; d < D; ++d)
-        dq[static_cast<size_t>(act[t0 + l]) * HD + d] = scale * dqd[d][l];
+    lane_weighted_sum<D>(sb, k, HD, keys.data(), nk, act.data() + t0, std::min(W, n - t0),
+                         splat(scale), dq);
   }
   // pass 2: dk_k = scale Σ_t ds_tk q_t, dv_k = Σ_t p_tk keep_tk/keep_prob dout_t
   for (int s0 = 0; s0 < Sp; s0 += W) {
-    vf kd[D], vd[D], dkd[D], dvd[D];
-    for (int d = 0; d < D; ++d) {
-      kd[d] = load(kt + static_cast<size_t>(d) * Sp + s0);
-      vd[d] = load(vt + static_cast<size_t>(d) * Sp + s0);
-      dkd[d] = dvd[d] = splat(0.0f);
-    }
+    lane_scores<D>(kt, Sp, s0, q, HD, act.data(), n, nullptr, scale, dsb);
+    lane_scores<D>(vt, Sp, s0, dout, HD, act.data(), n, nullptr, 1.0f, pkb);
     const vf bl = load(bt + s0);
     const vu idx = lane_index(keys.data() + s0, base, 1);
     for (int a = 0; a < n; ++a) {
-      const int t = act[a];
-      const float* qr = q + static_cast<size_t>(t) * HD;
-      const float* gr = dout + static_cast<size_t>(t) * HD;
-      const vf p = exp_nonpositive(dot_lanes4<D>(kd, qr) * scale + bl - mt[a]) * rzt[a];
-      const vf pk = drop.threshold ? p * drop.keep(idx + static_cast<uint32_t>(t) * S) : p;
-      const vf ds = pk * dot_lanes4<D>(vd, gr) - p * delta[a];
-      for (int d = 0; d < D; ++d) {
-        dkd[d] = dkd[d] + ds * qr[d];
-        dvd[d] = dvd[d] + pk * gr[d];
-      }
+      const vf p = exp_nonpositive(load(dsb + a * W) + bl - mt[a]) * rzt[a];
+      const vf pk = drop.threshold ? p * drop.keep(idx + static_cast<uint32_t>(act[a]) * S) : p;
+      store(dsb + a * W, pk * load(pkb + a * W) - p * delta[a]);
+      store(pkb + a * W, pk);
     }
     const int lanes = std::min(W, nk - s0);
-    for (int l = 0; l < lanes; ++l)
-      for (int d = 0; d < D; ++d) {
-        dk[static_cast<size_t>(keys[s0 + l]) * HD + d] = scale * dkd[d][l];
-        dv[static_cast<size_t>(keys[s0 + l]) * HD + d] = dvd[d][l];
-      }
+    lane_weighted_sum<D>(dsb, q, HD, act.data(), n, keys.data() + s0, lanes, splat(scale), dk);
+    lane_weighted_sum<D>(pkb, dout, HD, act.data(), n, keys.data() + s0, lanes, splat(1.0f), dv);
   }
 }
 
@@ -963,7 +984,8 @@ ffi::Error dispatch_d(int D, F&& f) {
     case 16: f(std::integral_constant<int, 16>{}); break;
     case 24: f(std::integral_constant<int, 24>{}); break;
     case 32: f(std::integral_constant<int, 32>{}); break;
-    default: return ffi::Error::InvalidArgument("cider attention kernel: head size must be 1, 2, 4, 8, 16, 24 or 32");
+    case 64: f(std::integral_constant<int, 64>{}); break;
+    default: return ffi::Error::InvalidArgument("cider attention kernel: head size must be 1, 2, 4, 8, 16, 24, 32 or 64");
   }
   return ffi::Error::Success();
 }
