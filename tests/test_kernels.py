@@ -550,3 +550,46 @@ def test_composite_attention_rejects_bad_shapes():
     jax.block_until_ready(native.composite_attention(jnp.ones((2, 12, 24)), 3, 4, 1.0))
   with pytest.raises(Exception, match='head size'):
     jax.block_until_ready(native.composite_attention(jnp.ones((2, 12, 36)), 4, 4, 1.0))
+
+
+def _layer_norm_reference(x, scale, bias, dy, eps):
+  """float64 LayerNorm over the last axis (variance about the mean) and the gradients of
+  Σ dy·y in x, scale and bias."""
+  x, scale, bias, dy = (np.asarray(t, np.float64) for t in (x, scale, bias, dy))
+  mu = x.mean(-1, keepdims=True)
+  rho = 1 / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
+  xh = (x - mu) * rho
+  g = dy * scale
+  dx = rho * (g - g.mean(-1, keepdims=True) - xh * (g * xh).mean(-1, keepdims=True))
+  rows = tuple(range(x.ndim - 1))
+  return xh * scale + bias, (dx, (dy * xh).sum(rows), dy.sum(rows))
+
+
+# shapes: the MCT's (32, 150, 32); widths off the 16 lanes (20, 40, and 3, below one vector);
+# fewer rows than the 16 partial sums; rows with a mean of 30 and a standard deviation of 2
+@pytest.mark.parametrize('shape,offset', [((32, 150, 32), 0.0), ((5, 20), 3.0), ((2, 3, 40), 0.0),
+                                          ((7, 3), 0.0), ((3, 16), 30.0)])
+def test_layer_norm_and_its_gradient_match_float64(shape, offset):
+  from cider_jax.kernels import norm
+  rng = np.random.default_rng(sum(shape))
+  x = (rng.normal(size=shape) * 2 + offset).astype(np.float32)
+  scale, bias = (rng.normal(size=shape[-1:]).astype(np.float32) for _ in range(2))
+  dy = rng.normal(size=shape).astype(np.float32)
+  y_ref, grads_ref = _layer_norm_reference(x, scale, bias, dy, 1e-5)
+  y, vjp = jax.vjp(lambda x, s, b: norm.layer_norm(x, s, b, 1e-5), *map(jnp.asarray, (x, scale, bias)))
+  _close(y, y_ref, 'y')
+  for name, g, g_ref in zip(('dx', 'dscale', 'dbias'), vjp(jnp.asarray(dy)), grads_ref):
+    _close(g, g_ref, name)
+
+
+def test_layer_norm_module_has_flax_parameters_and_rejects_bad_shapes():
+  from cider_jax.kernels import norm
+  import flax.linen as nn
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6, 8)).astype(np.float32))
+  ours, theirs = norm.LayerNorm(1e-5), nn.LayerNorm(epsilon=1e-5)
+  p = theirs.init(jax.random.key(0), x)
+  assert jax.tree.map(np.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(np.shape, p)
+  p = jax.tree.map(lambda a: a + jnp.arange(a.size, dtype=a.dtype).reshape(a.shape) / 10, p)
+  _close(ours.apply(p, x), theirs.apply(p, x), 'module')
+  with pytest.raises(Exception, match='scale and bias'):
+    jax.block_until_ready(norm.layer_norm(x, jnp.ones(7), jnp.zeros(7), 1e-5))

@@ -26,6 +26,8 @@
 // 5. Composite attention (below): the MCT's seven-pattern attention from its packed q|k|v
 //   projections, built on section 1's block statistics, forward and backward.
 //
+// 6. LayerNorm (below) over the last axis, forward and backward (the MCT's LayerNorms).
+//
 // Attention queries run W at a time in vector lanes
 // (GCC vector extensions: AVX-512 where -march=native has it, narrower vectors elsewhere);
 // the items are shared among XLA's intra-op threads.
@@ -912,6 +914,79 @@ void composite_backward_item(const float* qkv, const float* mz, const float* out
       dqkv[static_cast<size_t>(t) * ks + h * D + d] = scale * dqt[static_cast<size_t>(d) * Tp + t];
 }
 
+// 6. LayerNorm over the last axis: rows x_r (R rows of E), y = (x − μ)·ρ·γ + β with
+// μ = mean(x), ρ = 1/√(mean((x − μ)²) + eps) (two passes over the row, as torch), and the
+// statistics (μ, ρ) per row for the backward pass, which writes, with x̂ = (x − μ)ρ, g = dy·γ,
+//   dx = ρ (g − mean(g) − x̂ mean(g·x̂)),
+// and the partial sums Σ dy·x̂ and Σ dy of dγ and dβ over kLnParts contiguous row ranges
+// (the caller adds the kLnParts rows).
+constexpr int kLnParts = 16;
+
+inline float hsum(vf x) {
+  float s = 0.0f;
+  for (int l = 0; l < W; ++l) s += x[l];
+  return s;
+}
+
+// Σ_i f(i) over the E entries of a row, W at a time (lanes past E contribute 0).
+template <typename F>
+inline float row_sum(int E, F&& f) {
+  vf acc = splat(0.0f);
+  int i = 0;
+  for (; i + W <= E; i += W) acc = acc + f(i);
+  float s = hsum(acc);
+  for (; i < E; ++i) s += f(i)[0];
+  return s;
+}
+
+void ln_forward_rows(const float* x, const float* gamma, const float* beta, int E, float eps,
+                     int r0, int r1, float* y, float* stats) {
+  for (int r = r0; r < r1; ++r) {
+    const float* xr = x + static_cast<size_t>(r) * E;
+    float* yr = y + static_cast<size_t>(r) * E;
+    auto at = [&](const float* p, int i) { return i + W <= E ? load(p + i) : splat(p[i]); };
+    const float mu = row_sum(E, [&](int i) { return at(xr, i); }) / E;
+    const float var = row_sum(E, [&](int i) { const vf d = at(xr, i) - mu; return d * d; }) / E;
+    const float rho = 1.0f / std::sqrt(var + eps);
+    int i = 0;
+    for (; i + W <= E; i += W)
+      store(yr + i, (load(xr + i) - mu) * rho * load(gamma + i) + load(beta + i));
+    for (; i < E; ++i) yr[i] = (xr[i] - mu) * rho * gamma[i] + beta[i];
+    stats[2 * r] = mu;
+    stats[2 * r + 1] = rho;
+  }
+}
+
+void ln_backward_rows(const float* x, const float* gamma, const float* stats, const float* dy,
+                      int E, int r0, int r1, float* dx, float* dgamma, float* dbeta) {
+  std::fill(dgamma, dgamma + E, 0.0f);
+  std::fill(dbeta, dbeta + E, 0.0f);
+  for (int r = r0; r < r1; ++r) {
+    const float* xr = x + static_cast<size_t>(r) * E;
+    const float* gr = dy + static_cast<size_t>(r) * E;
+    float* dr = dx + static_cast<size_t>(r) * E;
+    const float mu = stats[2 * r], rho = stats[2 * r + 1];
+    auto at = [&](const float* p, int i) { return i + W <= E ? load(p + i) : splat(p[i]); };
+    const float mg = row_sum(E, [&](int i) { return at(gr, i) * at(gamma, i); }) / E;
+    const float mgx = row_sum(E, [&](int i) {
+      return at(gr, i) * at(gamma, i) * ((at(xr, i) - mu) * rho);
+    }) / E;
+    int i = 0;
+    for (; i + W <= E; i += W) {
+      const vf xh = (load(xr + i) - mu) * rho, g = load(gr + i);
+      store(dr + i, rho * (g * load(gamma + i) - mg - xh * mgx));
+      store(dgamma + i, load(dgamma + i) + g * xh);
+      store(dbeta + i, load(dbeta + i) + g);
+    }
+    for (; i < E; ++i) {
+      const float xh = (xr[i] - mu) * rho, g = gr[i];
+      dr[i] = rho * (g * gamma[i] - mg - xh * mgx);
+      dgamma[i] += g * xh;
+      dbeta[i] += g;
+    }
+  }
+}
+
 // Runs body(begin, end) over [0, items) in contiguous chunks. Chunks are claimed from an
 // atomic counter by the caller and by tasks scheduled on XLA's intra-op pool, so the caller
 // does all the work itself when the pool is busy elsewhere; it returns once every claimed
@@ -1348,6 +1423,62 @@ ffi::Error CompositeBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv,
   });
 }
 
+ffi::Error check_ln(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions gd,
+                    ffi::AnyBuffer::Dimensions bd, int64_t* R, int* E) {
+  if (xd.size() < 1 || gd.size() != 1 || bd.size() != 1 || gd[0] != xd[xd.size() - 1] ||
+      bd[0] != gd[0])
+    return ffi::Error::InvalidArgument("cider layer norm: x (..., E), scale and bias (E,)");
+  *E = static_cast<int>(gd[0]);
+  *R = 1;
+  for (size_t a = 0; a + 1 < xd.size(); ++a) *R *= xd[a];
+  if (*E <= 0) return ffi::Error::InvalidArgument("cider layer norm: empty rows");
+  return ffi::Error::Success();
+}
+
+// Runs body(first row, end row, part) for the kLnParts contiguous row ranges on the pool.
+template <typename F>
+void for_each_ln_part(ffi::ThreadPool& pool, int64_t R, F&& body) {
+  parallel_for(pool, kLnParts, [&](int begin, int end) {
+    for (int p = begin; p < end; ++p)
+      body(static_cast<int>(R * p / kLnParts), static_cast<int>(R * (p + 1) / kLnParts), p);
+  });
+}
+
+ffi::Error LnForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
+                     ffi::Buffer<ffi::F32> beta, float eps, ffi::ResultBuffer<ffi::F32> y,
+                     ffi::ResultBuffer<ffi::F32> stats) {
+  int64_t R;
+  int E;
+  if (auto err = check_ln(x.dimensions(), gamma.dimensions(), beta.dimensions(), &R, &E);
+      err.failure())
+    return err;
+  const float *xp = x.typed_data(), *gp = gamma.typed_data(), *bp = beta.typed_data();
+  float *yp = y->typed_data(), *sp = stats->typed_data();
+  for_each_ln_part(pool, R, [&](int r0, int r1, int) {
+    ln_forward_rows(xp, gp, bp, E, eps, r0, r1, yp, sp);
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error LnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
+                      ffi::Buffer<ffi::F32> stats, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dgamma,
+                      ffi::ResultBuffer<ffi::F32> dbeta) {
+  int64_t R;
+  int E;
+  if (auto err = check_ln(x.dimensions(), gamma.dimensions(), gamma.dimensions(), &R, &E);
+      err.failure())
+    return err;
+  const float *xp = x.typed_data(), *gp = gamma.typed_data(), *sp = stats.typed_data(),
+              *dyp = dy.typed_data();
+  float *dxp = dx->typed_data(), *dgp = dgamma->typed_data(), *dbp = dbeta->typed_data();
+  for_each_ln_part(pool, R, [&](int r0, int r1, int p) {
+    ln_backward_rows(xp, gp, sp, dyp, E, r0, r1, dxp, dgp + static_cast<size_t>(p) * E,
+                     dbp + static_cast<size_t>(p) * E);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderBlockSoftmaxForward, Forward,
@@ -1478,4 +1609,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderCompositeAttentionBackward, CompositeBackward
                                   .Attr<int64_t>("heads")
                                   .Attr<int64_t>("block_len")
                                   .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderLayerNormForward, LnForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("eps")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderLayerNormBackward, LnBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

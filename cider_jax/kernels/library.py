@@ -28,7 +28,9 @@ _TARGETS = {'cider_block_softmax_forward': 'CiderBlockSoftmaxForward',
             'cider_masked_attention_forward': 'CiderMaskedAttentionForward',
             'cider_masked_attention_backward': 'CiderMaskedAttentionBackward',
             'cider_composite_attention_forward': 'CiderCompositeAttentionForward',
-            'cider_composite_attention_backward': 'CiderCompositeAttentionBackward'}
+            'cider_composite_attention_backward': 'CiderCompositeAttentionBackward',
+            'cider_layer_norm_forward': 'CiderLayerNormForward',
+            'cider_layer_norm_backward': 'CiderLayerNormBackward'}
 
 
 def _cpu_signature() -> str:

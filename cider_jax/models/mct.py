@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cider_jax.kernels import attention as native_attention
+from cider_jax.kernels import norm as native_norm
 from cider_jax.models.dropout import Dropout
 
 # rows: patterns in the order of the original's out_proj indices; columns: key blocks L, A, V
@@ -224,6 +225,13 @@ class CompositeAttention(nn.Module):
     return jnp.concatenate(projected, axis=1), {'scores': scores, 'qk': (q, k)}
 
 
+def layer_norm(kernel: str, name: str) -> nn.Module:
+  """The MCT's LayerNorm (eps 1e-5, parameters scale and bias): the native kernel or XLA's."""
+  if kernel == 'native':
+    return native_norm.LayerNorm(1e-5, name=name)
+  return nn.LayerNorm(epsilon=1e-5, name=name)
+
+
 class MCTLayer(nn.Module):
   embed_dim: int
   num_heads: int
@@ -236,11 +244,11 @@ class MCTLayer(nn.Module):
   def __call__(self, x, deterministic: bool):
     E = self.embed_dim
     xavier = nn.initializers.xavier_uniform()
-    h = nn.LayerNorm(epsilon=1e-5, name='ln_attn')(x)
+    h = layer_norm(self.kernel, 'ln_attn')(x)
     h, attn = CompositeAttention(E, self.num_heads, self.attn_dropout, self.kernel,
                                  name='attention')(h, deterministic)
     x = x + Dropout(self.res_dropout)(h, deterministic=deterministic)
-    h = nn.LayerNorm(epsilon=1e-5, name='ln_ffn')(x)
+    h = layer_norm(self.kernel, 'ln_ffn')(x)
     h = jax.nn.relu(nn.Dense(4 * E, kernel_init=xavier, name='fc1')(h))
     h = Dropout(self.relu_dropout)(h, deterministic=deterministic)
     h = nn.Dense(E, kernel_init=xavier, name='fc2')(h)
@@ -269,4 +277,4 @@ class MCT(nn.Module):
     for i in range(self.layers):
       x, attn = MCTLayer(self.embed_dim, self.num_heads, self.attn_dropout, self.relu_dropout,
                            self.res_dropout, self.kernel, name=f'layer_{i}')(x, deterministic)
-    return nn.LayerNorm(epsilon=1e-5, name='ln_final')(x), attn
+    return layer_norm(self.kernel, 'ln_final')(x), attn
