@@ -51,9 +51,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.deterministic = False   # True turns every dropout off (equivalence tests)
   model.dtype = 'float32'       # text-encoder matmul operands: 'float32' or 'bfloat16'
   #                               (float32 accumulation; the rest and all params stay float32)
-  model.kernels = 'auto'        # MCT attention, distillation KL, GRU recurrence, BERT and
-  #                               WSAM attention: 'native' (C++ CPU kernels, built on first
-  #                               use), 'xla' (plain JAX),
+  model.kernels = 'auto'        # MCT attention and LayerNorms, distillation KL, GRU
+  #                               recurrence, BERT and WSAM attention: 'native' (C++ CPU
+  #                               kernels, built on first use), 'xla' (plain JAX),
   #                               'auto' (native on the CPU backend when they build, else xla)
 
   # ---------------------------------------------------------------- losses (REFERENCE §4)

@@ -266,7 +266,7 @@ class MCT(nn.Module):
   res_dropout: float = 0.0
   embed_dropout: float = 0.0
   positions: str = 'time'
-  kernel: str = 'xla'             # block statistics of the composite attention (_block_stats)
+  kernel: str = 'xla'             # 'native': composite attention and LayerNorm kernels
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
