@@ -847,28 +847,30 @@ void composite_backward_item(const float* qkv, const float* mz, const float* out
                              const float* dout, int T, int L, int E, int h, float scale,
                              const float* mask, float* dqkv, std::vector<float>& buf) {
   const int Tp = (T + W - 1) / W * W, ks = 3 * E;
-  // qt, dqt (D, Tp); per block: mt, dzt (Tp), dnt (D, Tp); dk and dv lane sums (L, D, W)
+  // qt, dqt (D, Tp); per block: mt, dzt (Tp), dnt (D, Tp); dk and dv lane sums (L, D, W);
+  // the blocks' z (3, Tp)
   buf.assign(static_cast<size_t>(2 * D) * Tp + static_cast<size_t>(3) * (D + 2) * Tp +
-                 static_cast<size_t>(2) * L * D * W, 0.0f);
+                 static_cast<size_t>(2) * L * D * W + static_cast<size_t>(3) * Tp, 0.0f);
   float* qt = buf.data();
   float* dqt = qt + static_cast<size_t>(D) * Tp;
   float* st = dqt + static_cast<size_t>(D) * Tp;
   float* dka = st + static_cast<size_t>(3) * (D + 2) * Tp;
   float* dva = dka + static_cast<size_t>(L) * D * W;
+  float* zt = dva + static_cast<size_t>(L) * D * W;
   auto mt = [&](int j) { return st + static_cast<size_t>(j) * (D + 2) * Tp; };
   transpose_rows(qkv + h * D, T, D, ks, Tp, scale, qt);
   // padding lanes: m = 0, z = 1 (finite weights) and dout = 0, so dn = dz = 0 there
-  std::vector<float> zt(static_cast<size_t>(3) * Tp, 1.0f);
+  std::fill(zt, zt + static_cast<size_t>(3) * Tp, 1.0f);
   for (int j = 0; j < 3; ++j) {
     std::copy(mz + static_cast<size_t>(j) * T, mz + static_cast<size_t>(j + 1) * T, mt(j));
     std::copy(mz + static_cast<size_t>(3 + j) * T, mz + static_cast<size_t>(4 + j) * T,
-              zt.data() + static_cast<size_t>(j) * Tp);
+              zt + static_cast<size_t>(j) * Tp);
   }
   for (int t0 = 0; t0 < Tp; t0 += W) {
     vf mm[3], zz[3], dzs[3], dns[3][D];
     for (int j = 0; j < 3; ++j) {
       mm[j] = load(mt(j) + t0);
-      zz[j] = load(zt.data() + static_cast<size_t>(j) * Tp + t0);
+      zz[j] = load(zt + static_cast<size_t>(j) * Tp + t0);
       dzs[j] = splat(0.0f);
       for (int d = 0; d < D; ++d) dns[j][d] = splat(0.0f);
     }
@@ -928,6 +930,12 @@ inline float hsum(vf x) {
   return s;
 }
 
+// Entries i.. of a row of E: a vector of W where a whole one fits, else entry i in every lane
+// (row_sum then takes lane 0 only).
+inline vf chunk_at(const float* p, int i, int E) {
+  return i + W <= E ? load(p + i) : splat(p[i]);
+}
+
 // Σ_i f(i) over the E entries of a row, W at a time (lanes past E contribute 0).
 template <typename F>
 inline float row_sum(int E, F&& f) {
@@ -944,9 +952,11 @@ void ln_forward_rows(const float* x, const float* gamma, const float* beta, int 
   for (int r = r0; r < r1; ++r) {
     const float* xr = x + static_cast<size_t>(r) * E;
     float* yr = y + static_cast<size_t>(r) * E;
-    auto at = [&](const float* p, int i) { return i + W <= E ? load(p + i) : splat(p[i]); };
-    const float mu = row_sum(E, [&](int i) { return at(xr, i); }) / E;
-    const float var = row_sum(E, [&](int i) { const vf d = at(xr, i) - mu; return d * d; }) / E;
+    const float mu = row_sum(E, [&](int i) { return chunk_at(xr, i, E); }) / E;
+    const float var = row_sum(E, [&](int i) {
+      const vf d = chunk_at(xr, i, E) - mu;
+      return d * d;
+    }) / E;
     const float rho = 1.0f / std::sqrt(var + eps);
     int i = 0;
     for (; i + W <= E; i += W)
@@ -966,10 +976,10 @@ void ln_backward_rows(const float* x, const float* gamma, const float* stats, co
     const float* gr = dy + static_cast<size_t>(r) * E;
     float* dr = dx + static_cast<size_t>(r) * E;
     const float mu = stats[2 * r], rho = stats[2 * r + 1];
-    auto at = [&](const float* p, int i) { return i + W <= E ? load(p + i) : splat(p[i]); };
-    const float mg = row_sum(E, [&](int i) { return at(gr, i) * at(gamma, i); }) / E;
+    const float mg =
+        row_sum(E, [&](int i) { return chunk_at(gr, i, E) * chunk_at(gamma, i, E); }) / E;
     const float mgx = row_sum(E, [&](int i) {
-      return at(gr, i) * at(gamma, i) * ((at(xr, i) - mu) * rho);
+      return chunk_at(gr, i, E) * chunk_at(gamma, i, E) * ((chunk_at(xr, i, E) - mu) * rho);
     }) / E;
     int i = 0;
     for (; i + W <= E; i += W) {

@@ -135,16 +135,13 @@ def composite_attention_heads(q, k, v, block_len, attn_weights_fn=None, kernel='
   q, k, v (B, H, T, D), q already scaled; T = 3·block_len.
   attn_weights_fn: optional f(weights (B, H, T, T)) applied to the LAV weights (dropout).
   kernel: how the block statistics are computed ('xla' or 'native', see _block_stats).
-  Returns ({'l'|'a'|'v': (B, H, block_len, 4, D)}, the patterns of SUMMARY in order) and
-  the raw scaled scores (B, H, T, T).
+  Returns {'l'|'a'|'v': (B, H, block_len, 4, D)}, the patterns of SUMMARY in order.
   """
   q, k, v = (t.astype(jnp.float32) for t in (q, k, v))
   m, z, n = _block_stats(q, k, v, block_len, kernel)
-  # only the last layer's scores are used (distillation); elsewhere XLA drops this
-  scores = jnp.einsum('bhqd,bhkd->bhqk', q, k)
   lav = None
   if attn_weights_fn is not None:
-    w = attn_weights_fn(jax.nn.softmax(scores, axis=-1))
+    w = attn_weights_fn(jax.nn.softmax(jnp.einsum('bhqd,bhkd->bhqk', q, k), axis=-1))
     lav = jnp.einsum('bhqk,bhkd->bhqd', w, v)
   per_block = {}
   for i, name in enumerate('lav'):
@@ -157,7 +154,7 @@ def composite_attention_heads(q, k, v, block_len, attn_weights_fn=None, kernel='
       else:
         outs.append(_pattern_output(p, mb, zb, nb))
     per_block[name] = jnp.stack(outs, axis=3)
-  return per_block, scores
+  return per_block
 
 
 class _DenseParams(nn.Module):
@@ -203,7 +200,7 @@ class CompositeAttention(nn.Module):
       packed = native_attention.composite_attention(qkv.astype(jnp.float32), H, L, scale)
       per_block = {name: packed[:, i * L:(i + 1) * L] for i, name in enumerate('lav')}
     else:
-      per_block, _ = composite_attention_heads(q, k, heads(v), L, drop, self.kernel)
+      per_block = composite_attention_heads(q, k, heads(v), L, drop, self.kernel)
       # (B, H, L, 4, D) → (B, L, 4E), the packed layout
       per_block = {name: jnp.transpose(o, (0, 2, 3, 1, 4)).reshape(B, L, 4 * E)
                    for name, o in per_block.items()}
