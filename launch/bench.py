@@ -70,7 +70,7 @@ def _text_encoder_passes(config, model, bert_config):
   from cider_jax.models.bert import BertEncoder, attention_kernel
   # the step's BERT, self-attention kernel included
   encoder = BertEncoder(bert_config, model.bert_layers, model.dtype,
-                        attention_kernel(model.kernels, bert_config))
+                        attention_kernel(model.kernels, bert_config), model.kernels)
 
   def loss(params, ids, mask, segments, key):
     h = encoder.apply({'params': params}, ids, mask, segments,

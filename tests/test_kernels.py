@@ -593,3 +593,57 @@ def test_layer_norm_module_has_flax_parameters_and_rejects_bad_shapes():
   _close(ours.apply(p, x), theirs.apply(p, x), 'module')
   with pytest.raises(Exception, match='scale and bias'):
     jax.block_until_ready(norm.layer_norm(x, jnp.ones(7), jnp.zeros(7), 1e-5))
+
+
+# (M, K, N): the MCT's and WSAM's layers (4800 × 32 → 96, 12000 × 5 → 32); column counts off
+# the 16 lanes and past one 64-column group (20, 33, 100); weight rows off the register
+# blocks (13, 25, 129); fewer rows than one part (7, 1) and none (0); the last rows' vectors
+# reaching past the end of dy (N = 5, 20)
+DENSE_CASES = [(4800, 32, 96), (12000, 5, 32), (1600, 128, 32), (300, 13, 20), (257, 25, 33),
+               (130, 129, 100), (7, 3, 5), (1, 4, 17), (0, 6, 16), (1000, 48, 192)]
+
+
+@pytest.mark.parametrize('M,K,N', DENSE_CASES)
+def test_weight_grad_matches_float64(M, K, N):
+  from cider_jax.kernels import dense
+  rng = np.random.default_rng(M + K + N)
+  x = rng.normal(size=(M, K)).astype(np.float32)
+  dy = rng.normal(size=(M, N)).astype(np.float32)
+  dw, db = jax.jit(dense.weight_grad)(jnp.asarray(x), jnp.asarray(dy))
+  x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+  # float32 sums of M products: within a few ulps of Σ|terms| (a missing or doubled term
+  # is ~1/M of it, far outside)
+  for got, ref, bound in ((dw, x64.T @ dy64, np.abs(x64).T @ np.abs(dy64)),
+                          (db, dy64.sum(0), np.abs(dy64).sum(0))):
+    assert got.shape == ref.shape
+    np.testing.assert_array_less(np.abs(np.asarray(got, np.float64) - ref), 2e-6 * bound + 1e-12)
+
+
+@pytest.mark.parametrize('use_bias,features', [(True, 24), (False, 24), (True, 400)])
+def test_dense_module_equals_flax_dense_with_its_gradients(use_bias, features):
+  """kernels.dense.Dense against nn.Dense: the same parameter tree, outputs and gradients in
+  the parameters and the input (400 × 400 weights take XLA's weight gradient)."""
+  from cider_jax.kernels import dense
+  import flax.linen as nn
+  K = features if features > 100 else 40
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(6, 50, K)).astype(np.float32))
+  g = jnp.asarray(np.random.default_rng(2).normal(size=(6, 50, features)).astype(np.float32))
+  ours, theirs = dense.Dense(features, use_bias=use_bias), nn.Dense(features, use_bias=use_bias)
+  p = theirs.init(jax.random.key(0), x)
+  assert jax.tree.map(np.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(np.shape, p)
+  loss = lambda m: lambda p, x: jnp.sum(m.apply(p, x) * g)
+  _close(ours.apply(p, x), theirs.apply(p, x), 'y')
+  got = jax.grad(loss(ours), argnums=(0, 1))(p, x)
+  ref = jax.grad(loss(theirs), argnums=(0, 1))(p, x)
+  # sums of 300 products of O(1) values: a few e-6 relative
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-4), got, ref)
+
+
+def test_weight_grad_rejects_mismatched_shapes():
+  from cider_jax.kernels import dense
+  with pytest.raises(ValueError, match='weight_grad'):
+    dense.weight_grad(jnp.ones((5, 3)), jnp.ones((4, 2)))
+  with pytest.raises(ValueError, match='weight_grad'):
+    dense.weight_grad(jnp.ones((2, 5, 3)), jnp.ones((2, 5, 2)))
+  with pytest.raises(ValueError, match="'xla' or 'native'"):
+    dense.make('fast', 4)

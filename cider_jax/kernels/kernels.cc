@@ -32,6 +32,7 @@
 // (GCC vector extensions: AVX-512 where -march=native has it, narrower vectors elsewhere);
 // the items are shared among XLA's intra-op threads.
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -40,6 +41,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -56,7 +58,13 @@ constexpr int W = 16;
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 
-inline vf splat(float x) { return vf{} + x; }
+inline vf splat(float x) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_set1_ps(x);  // one broadcast (vf{} + x would also add +0.0 first)
+#else
+  return vf{} + x;
+#endif
+}
 
 inline vf load(const float* p) {
   vf r;
@@ -997,6 +1005,112 @@ void ln_backward_rows(const float* x, const float* gamma, const float* stats, co
   }
 }
 
+// 7. Weight gradient of a dense layer y = x·w + b over M rows: dw = xᵀ·dy (K, N) and
+// db = Σ_m dy_m (N), x (M, K) and dy (M, N) row-major, read in place (no transposed copies).
+// The rows are split into parts, each summed into its own (K + 1, N) partial (row K: db) on
+// the pool; the caller adds the parts. Within a part, a tile of kWgTile rows at a time, a
+// block of KB rows of dw by NV vectors of columns lives in registers: per row m, NV vectors
+// of dy times KB broadcast entries of x.
+constexpr int kWgTile = 256;
+
+// acc (KB × NV vectors) += Σ_{m in [m0, m1)} x[m·K + i]·dy[m·N + c], i < KB, c < NV·W.
+template <int KB, int NV>
+inline void wg_rows(const float* x, int K, const float* dy, int N, int m0, int m1, vf* acc) {
+  for (int m = m0; m < m1; ++m) {
+    const float* xr = x + static_cast<size_t>(m) * K;
+    const float* dr = dy + static_cast<size_t>(m) * N;
+    vf d[NV];
+    for (int j = 0; j < NV; ++j) d[j] = load(dr + j * W);
+    for (int i = 0; i < KB; ++i) {
+      const vf xb = splat(xr[i]);
+      for (int j = 0; j < NV; ++j) acc[i * NV + j] += xb * d[j];
+    }
+  }
+}
+
+// Rows k0..k0+KB of dw (K, N) at columns n0..n0+cols (cols <= NV·W) += the sum over rows
+// [m0, m1) of x (M, K) and dy (M, N). Rows whose NV full vectors stay inside dy are read in
+// place (lanes past `cols` add up entries that are not stored); the last few go through a
+// zero-padded copy.
+template <int KB, int NV>
+void wg_block(const float* x, int K, const float* dy, int M, int N, int m0, int m1, int k0,
+              int n0, int cols, float* dw) {
+  vf acc[KB * NV];
+  for (int i = 0; i < KB * NV; ++i) acc[i] = splat(0.0f);
+  const int64_t room = static_cast<int64_t>(M) * N - n0 - NV * W;  // last in-place start
+  const int safe = room < 0 ? 0 : static_cast<int>(std::min<int64_t>(M, room / N + 1));
+  const int ms = std::max(m0, std::min(m1, safe));
+  wg_rows<KB, NV>(x + k0, K, dy + n0, N, m0, ms, acc);
+  for (int m = ms; m < m1; ++m) {
+    float pad[NV * W] = {};
+    std::memcpy(pad, dy + static_cast<size_t>(m) * N + n0, cols * sizeof(float));
+    wg_rows<KB, NV>(x + static_cast<size_t>(m) * K + k0, K, pad, 0, 0, 1, acc);
+  }
+  for (int i = 0; i < KB; ++i) {
+    float* o = dw + static_cast<size_t>(k0 + i) * N + n0;
+    int c = 0;
+    for (int j = 0; j < NV; ++j, c += W) {
+      if (c + W <= cols) {
+        store(o + c, load(o + c) + acc[i * NV + j]);
+      } else {
+        for (int l = 0; c + l < cols; ++l) o[c + l] += acc[i * NV + j][l];
+      }
+    }
+  }
+}
+
+// Rows per register block for NV vectors: KB·NV accumulators, NV loads and a broadcast.
+template <int NV>
+constexpr int wg_kb() { return NV == 1 ? 24 : NV == 2 ? 12 : NV == 3 ? 8 : 6; }
+
+typedef void (*WgFn)(const float*, int, const float*, int, int, int, int, int, int, int, float*);
+
+template <int NV, int... KBs>
+constexpr std::array<WgFn, sizeof...(KBs)> wg_table(std::integer_sequence<int, KBs...>) {
+  return {&wg_block<KBs + 1, NV>...};
+}
+
+// wg_block for any KB in 1..wg_kb<NV>().
+template <int NV>
+void wg_any_block(int kb, const float* x, int K, const float* dy, int M, int N, int m0, int m1,
+                  int k0, int n0, int cols, float* dw) {
+  static constexpr auto table = wg_table<NV>(std::make_integer_sequence<int, wg_kb<NV>()>{});
+  table[kb - 1](x, K, dy, M, N, m0, m1, k0, n0, cols, dw);
+}
+
+// dw (K, N) and db (N) of rows [m0, m1), overwritten.
+void wg_part(const float* x, const float* dy, int M, int K, int N, int m0, int m1, float* dw,
+             float* db) {
+  std::fill(dw, dw + static_cast<size_t>(K) * N, 0.0f);
+  std::fill(db, db + N, 0.0f);
+  for (int t0 = m0; t0 < m1; t0 += kWgTile) {
+    const int t1 = std::min(m1, t0 + kWgTile);
+    for (int n0 = 0; n0 < N; n0 += 4 * W) {
+      const int cols = std::min(4 * W, N - n0);
+      const int nv = (cols + W - 1) / W;
+      auto run = [&](auto nvc) {
+        constexpr int NV = decltype(nvc)::value;
+        constexpr int KB = wg_kb<NV>();
+        for (int k0 = 0; k0 < K; k0 += KB)
+          wg_any_block<NV>(std::min(KB, K - k0), x, K, dy, M, N, t0, t1, k0, n0, cols, dw);
+      };
+      switch (nv) {
+        case 1: run(std::integral_constant<int, 1>{}); break;
+        case 2: run(std::integral_constant<int, 2>{}); break;
+        case 3: run(std::integral_constant<int, 3>{}); break;
+        default: run(std::integral_constant<int, 4>{}); break;
+      }
+    }
+    for (int m = t0; m < t1; ++m) {
+      const float* dr = dy + static_cast<size_t>(m) * N;
+      int n = 0;
+      for (; n + W <= N; n += W) store(db + n, load(db + n) + load(dr + n));
+      for (; n < N; ++n) db[n] += dr[n];
+    }
+  }
+}
+
+
 // Runs body(begin, end) over [0, items) in contiguous chunks. Chunks are claimed from an
 // atomic counter by the caller and by tasks scheduled on XLA's intra-op pool, so the caller
 // does all the work itself when the pool is busy elsewhere; it returns once every claimed
@@ -1489,6 +1603,40 @@ ffi::Error LnBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+
+ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dw, ffi::ResultBuffer<ffi::F32> db) {
+  const auto xd = x.dimensions(), gd = dy.dimensions();
+  if (xd.size() != 2 || gd.size() != 2 || xd[0] != gd[0])
+    return ffi::Error::InvalidArgument("cider weight gradient: x (M, K) and dy (M, N)");
+  const int M = static_cast<int>(xd[0]), K = static_cast<int>(xd[1]), N = static_cast<int>(gd[1]);
+  if (dw->dimensions().size() != 2 || dw->dimensions()[0] != K || dw->dimensions()[1] != N ||
+      db->dimensions().size() != 1 || db->dimensions()[0] != N)
+    return ffi::Error::InvalidArgument("cider weight gradient: dw (K, N) and db (N,)");
+  const int parts = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(4 * (pool.num_threads() + 1), M / 128)));
+  const size_t part_size = static_cast<size_t>(K + 1) * N;
+  std::vector<float> partial(parts * part_size);
+  const float *xp = x.typed_data(), *gp = dy.typed_data();
+  parallel_for(pool, parts, [&](int begin, int end) {
+    for (int p = begin; p < end; ++p) {
+      float* out = partial.data() + p * part_size;
+      wg_part(xp, gp, M, K, N, static_cast<int>(static_cast<int64_t>(M) * p / parts),
+              static_cast<int>(static_cast<int64_t>(M) * (p + 1) / parts), out,
+              out + static_cast<size_t>(K) * N);
+    }
+  });
+  float *wp = dw->typed_data(), *bp = db->typed_data();
+  std::copy(partial.begin(), partial.begin() + static_cast<size_t>(K) * N, wp);
+  std::copy(partial.begin() + static_cast<size_t>(K) * N, partial.begin() + part_size, bp);
+  for (int p = 1; p < parts; ++p) {
+    const float* src = partial.data() + p * part_size;
+    for (size_t i = 0; i < static_cast<size_t>(K) * N; ++i) wp[i] += src[i];
+    for (int n = 0; n < N; ++n) bp[n] += src[static_cast<size_t>(K) * N + n];
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderBlockSoftmaxForward, Forward,
@@ -1639,5 +1787,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderLayerNormBackward, LnBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderWeightGrad, WeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

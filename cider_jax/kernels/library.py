@@ -30,7 +30,8 @@ _TARGETS = {'cider_block_softmax_forward': 'CiderBlockSoftmaxForward',
             'cider_composite_attention_forward': 'CiderCompositeAttentionForward',
             'cider_composite_attention_backward': 'CiderCompositeAttentionBackward',
             'cider_layer_norm_forward': 'CiderLayerNormForward',
-            'cider_layer_norm_backward': 'CiderLayerNormBackward'}
+            'cider_layer_norm_backward': 'CiderLayerNormBackward',
+            'cider_weight_grad': 'CiderWeightGrad'}
 
 
 def _cpu_signature() -> str:

@@ -90,6 +90,7 @@ class BertSelfAttention(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
   kernel: str = 'xla'   # 'native': one CPU kernel call (kernels.attention.masked_attention)
+  dense_kernel: str = 'xla'   # 'native': weight gradients by kernels.dense (float32 only)
 
   @nn.compact
   def __call__(self, x, mask_bias, deterministic: bool):
@@ -97,7 +98,7 @@ class BertSelfAttention(nn.Module):
     c = self.config
     nh = c.num_attention_heads
     hd = c.hidden_size // nh
-    dense = lambda name: matmul.Dense(c.hidden_size, self.dtype, name=name,
+    dense = lambda name: matmul.Dense(c.hidden_size, self.dtype, self.dense_kernel, name=name,
                                       kernel_init=nn.initializers.normal(0.02))
     split = lambda t: t.reshape(t.shape[:2] + (nh, hd))
     q, k, v = (split(dense(n)(x)) for n in ('query', 'key', 'value'))
@@ -126,11 +127,12 @@ class BertDenseOutput(nn.Module):
   """dense → dropout → LayerNorm(x + residual)."""
   config: BertConfig
   dtype: Any = jnp.float32
+  dense_kernel: str = 'xla'
 
   @nn.compact
   def __call__(self, x, residual, deterministic: bool):
     c = self.config
-    x = matmul.Dense(c.hidden_size, self.dtype, name='dense',
+    x = matmul.Dense(c.hidden_size, self.dtype, self.dense_kernel, name='dense',
                      kernel_init=nn.initializers.normal(0.02))(x)
     x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, name='LayerNorm')(
@@ -142,27 +144,31 @@ class BertAttention(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
   kernel: str = 'xla'
+  dense_kernel: str = 'xla'
 
   @nn.compact
   def __call__(self, x, mask_bias, deterministic: bool):
-    h = BertSelfAttention(self.config, self.dtype, self.kernel, name='self')(
+    h = BertSelfAttention(self.config, self.dtype, self.kernel, self.dense_kernel, name='self')(
         x, mask_bias, deterministic)
-    return BertDenseOutput(self.config, self.dtype, name='output')(h, x, deterministic)
+    return BertDenseOutput(self.config, self.dtype, self.dense_kernel, name='output')(
+        h, x, deterministic)
 
 
 class BertLayer(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
   kernel: str = 'xla'
+  dense_kernel: str = 'xla'
 
   @nn.compact
   def __call__(self, x, mask_bias, deterministic: bool):
     c = self.config
-    x = BertAttention(c, self.dtype, self.kernel, name='attention')(x, mask_bias, deterministic)
-    h = matmul.Dense(c.intermediate_size, self.dtype, name='intermediate',
+    x = BertAttention(c, self.dtype, self.kernel, self.dense_kernel, name='attention')(
+        x, mask_bias, deterministic)
+    h = matmul.Dense(c.intermediate_size, self.dtype, self.dense_kernel, name='intermediate',
                      kernel_init=nn.initializers.normal(0.02))(x)
     h = gelu(h)
-    return BertDenseOutput(c, self.dtype, name='output')(h, x, deterministic)
+    return BertDenseOutput(c, self.dtype, self.dense_kernel, name='output')(h, x, deterministic)
 
 
 class BertEncoder(nn.Module):
@@ -171,6 +177,7 @@ class BertEncoder(nn.Module):
   num_layers: int = 0          # use only the first k layers (0: all)
   dtype: Any = jnp.float32
   kernel: str = 'xla'          # self-attention: 'xla' or 'native' (see attention_kernel)
+  dense_kernel: str = 'xla'    # 'native': the float32 Dense weight gradients by kernels.dense
 
   @nn.compact
   def __call__(self, ids, mask, segments, deterministic: bool = True):
@@ -184,7 +191,7 @@ class BertEncoder(nn.Module):
     if n > c.num_hidden_layers:
       raise ValueError(f'num_layers={n} exceeds the {c.num_hidden_layers} layers of the BERT config')
     for i in range(n):
-      x = BertLayer(c, self.dtype, self.kernel, name=f'encoder_layer_{i}')(
+      x = BertLayer(c, self.dtype, self.kernel, self.dense_kernel, name=f'encoder_layer_{i}')(
           x, mask_bias, deterministic)
     return x.astype(jnp.float32)
 

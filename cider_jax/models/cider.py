@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from cider_jax.kernels import attention as native_attention
+from cider_jax.kernels import dense as native_dense
 from cider_jax.kernels import gru as native_gru
 from cider_jax.models.bert import BertConfig, BertEncoder, attention_kernel
 from cider_jax.models.mcm import MCM, AttentionPool, JointRep
@@ -67,11 +68,13 @@ class SequenceDecoder(nn.Module):
   then Linear(E → Do)."""
   out_len: int
   out_dim: int
+  kernel: str = 'xla'   # 'native': the Dense weight gradients by kernels.dense
 
   @nn.compact
   def __call__(self, h):
-    t = nn.Dense(self.out_len, name='time')(jnp.swapaxes(h, 1, 2))
-    return nn.Dense(self.out_dim, name='feature')(jnp.swapaxes(jax.nn.relu(t), 1, 2))
+    dense = lambda n, name: native_dense.make(self.kernel, n, name=name)
+    t = dense(self.out_len, 'time')(jnp.swapaxes(h, 1, 2))
+    return dense(self.out_dim, 'feature')(jnp.swapaxes(jax.nn.relu(t), 1, 2))
 
 
 class CIDer(nn.Module):
@@ -104,10 +107,11 @@ class CIDer(nn.Module):
     audio_mask = inputs['audio_mask'].astype(jnp.float32)
     vision_mask = inputs['vision_mask'].astype(jnp.float32)
     h_text = BertEncoder(self.bert, self.bert_layers, self.dtype,
-                         attention_kernel(self.kernels, self.bert), name='text_encoder')(
+                         attention_kernel(self.kernels, self.bert), self.kernels,
+                         name='text_encoder')(
         inputs['text_ids'], text_mask, inputs['text_segments'], deterministic)
 
-    proj = lambda name: nn.Dense(E, use_bias=False, name=name)
+    proj = lambda name: native_dense.make(self.kernels, E, use_bias=False, name=name)
     x_l = proj('proj_l')(h_text)
     x_a = proj('proj_a')(inputs['audio'])
     x_v = proj('proj_v')(inputs['vision'])
@@ -143,9 +147,9 @@ class CIDer(nn.Module):
     out = {'logp': logp, 'joint_rep': z, 'scores': attn['scores'], 'attn_qk': attn['qk'],
            'text_hidden': h_text}
     if reconstruct or self.is_initializing():
-      out['text_recon'] = nn.Dense(Dl, name='recon_text')(h_l)
-      out['audio_recon'] = SequenceDecoder(La, Da, name='recon_audio')(h_a)
-      out['vision_recon'] = SequenceDecoder(Lv, Dv, name='recon_vision')(h_v)
+      out['text_recon'] = native_dense.make(self.kernels, Dl, name='recon_text')(h_l)
+      out['audio_recon'] = SequenceDecoder(La, Da, self.kernels, name='recon_audio')(h_a)
+      out['vision_recon'] = SequenceDecoder(Lv, Dv, self.kernels, name='recon_vision')(h_v)
     return out
 
 

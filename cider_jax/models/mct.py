@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cider_jax.kernels import attention as native_attention
+from cider_jax.kernels import dense as native_dense
 from cider_jax.kernels import norm as native_norm
 from cider_jax.models.dropout import Dropout
 
@@ -185,7 +186,7 @@ class CompositeAttention(nn.Module):
     D = E // H
     L = T // 3
     xavier = nn.initializers.xavier_uniform()
-    qkv = nn.Dense(3 * E, kernel_init=xavier, name='qkv')(x)
+    qkv = native_dense.make(self.kernel, 3 * E, kernel_init=xavier, name='qkv')(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     scale = np.float32(D ** -0.5)
     heads = lambda t: jnp.transpose(t.reshape(B, T, H, D), (0, 2, 1, 3))
@@ -218,7 +219,10 @@ class CompositeAttention(nn.Module):
       s_kernel = s_kernel.reshape(4, E, E)
       w = jnp.einsum('pef,pfg,gh->peh', out_kernel[idx], s_kernel, final_kernel)  # (4, E, E)
       b = (jnp.einsum('pf,pfg->g', out_bias[idx], s_kernel) + s_bias) @ final_kernel + final_bias
-      projected.append(per_block[name] @ w.reshape(4 * E, E) + b)
+      if self.kernel == 'native':
+        projected.append(native_dense.dense(per_block[name], w.reshape(4 * E, E), b))
+      else:
+        projected.append(per_block[name] @ w.reshape(4 * E, E) + b)
     return jnp.concatenate(projected, axis=1), {'scores': scores, 'qk': (q, k)}
 
 
@@ -246,9 +250,9 @@ class MCTLayer(nn.Module):
                                  name='attention')(h, deterministic)
     x = x + Dropout(self.res_dropout)(h, deterministic=deterministic)
     h = layer_norm(self.kernel, 'ln_ffn')(x)
-    h = jax.nn.relu(nn.Dense(4 * E, kernel_init=xavier, name='fc1')(h))
+    h = jax.nn.relu(native_dense.make(self.kernel, 4 * E, kernel_init=xavier, name='fc1')(h))
     h = Dropout(self.relu_dropout)(h, deterministic=deterministic)
-    h = nn.Dense(E, kernel_init=xavier, name='fc2')(h)
+    h = native_dense.make(self.kernel, E, kernel_init=xavier, name='fc2')(h)
     x = x + Dropout(self.res_dropout)(h, deterministic=deterministic)
     return x, attn
 

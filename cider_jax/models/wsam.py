@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cider_jax.kernels import attention as native_attention
+from cider_jax.kernels import dense as native_dense
 
 NEG = -1e9
 
@@ -35,7 +36,8 @@ class WSAM(nn.Module):
     attention mask is rows ⊗ cols (`wsam_mask`). → (B, L, E); a row with no valid key or not
     in `rows` gets the output bias only."""
     E = self.embed_dim
-    dense = lambda name: nn.Dense(E, name=name, kernel_init=nn.initializers.xavier_uniform())
+    dense = lambda name: native_dense.make(self.kernel, E, name=name,
+                                           kernel_init=nn.initializers.xavier_uniform())
     q = dense('query')(text) * np.float32(E ** -0.5)
     k = dense('key')(other)
     v = dense('value')(other)

@@ -1,0 +1,105 @@
+"""A dense layer whose weight gradient is one native CPU kernel call (kernels.cc section 7).
+
+The forward product x·w + b and the input cotangent dy·wᵀ stay with XLA; the parameter
+cotangents dw = xᵀ·dy and db = Σ dy come from the kernel, which reads x and dy as they lie
+(XLA would first copy one of them transposed and then run a general product).
+"""
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cider_jax.kernels.library import f32
+
+
+def weight_grad(x, dy):
+  """x (M, K), dy (M, N), float32 → (xᵀ·dy (K, N), Σ_m dy (N,))."""
+  if x.ndim != 2 or dy.ndim != 2 or x.shape[0] != dy.shape[0]:
+    raise ValueError(f'weight_grad: x (M, K) and dy (M, N), got {x.shape} and {dy.shape}')
+  K, N = x.shape[1], dy.shape[1]
+  return jax.ffi.ffi_call('cider_weight_grad', (f32((K, N)), f32((N,))))(
+      x.astype(jnp.float32), dy.astype(jnp.float32))
+
+
+# Above this many weights (in × out) XLA's own product is the faster weight gradient here
+# (launch/bench.py's MiniLM feed-forward layers, 384 × 1536).
+MAX_NATIVE_WEIGHTS = 384 * 384
+
+
+def dense(x, kernel, bias=None):
+  """x (..., K) · kernel (K, N) (+ bias (N,)) in float32, with the native weight gradient."""
+  if bias is None:
+    return _dense_no_bias(x, kernel)
+  return _dense(x, kernel, bias)
+
+
+def _weight_grads(x, dy):
+  rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+  return weight_grad(x.reshape(rows, x.shape[-1]), dy.reshape(rows, dy.shape[-1]))
+
+
+@jax.custom_vjp
+def _dense(x, kernel, bias):
+  return jnp.dot(x, kernel) + bias
+
+
+def _dense_fwd(x, kernel, bias):
+  return _dense(x, kernel, bias), (x, kernel)
+
+
+def _dense_bwd(res, dy):
+  x, kernel = res
+  dw, db = _weight_grads(x, dy)
+  return jnp.dot(dy, kernel.T), dw, db
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+@jax.custom_vjp
+def _dense_no_bias(x, kernel):
+  return jnp.dot(x, kernel)
+
+
+def _dense_no_bias_fwd(x, kernel):
+  return _dense_no_bias(x, kernel), (x, kernel)
+
+
+def _dense_no_bias_bwd(res, dy):
+  x, kernel = res
+  return jnp.dot(dy, kernel.T), _weight_grads(x, dy)[0]
+
+
+_dense_no_bias.defvjp(_dense_no_bias_fwd, _dense_no_bias_bwd)
+
+
+class Dense(nn.Module):
+  """`nn.Dense(features)` in float32 (the same parameters, names and initialisers); its
+  weight gradient comes from the native kernel up to MAX_NATIVE_WEIGHTS weights, from XLA's
+  product above."""
+  features: int
+  use_bias: bool = True
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
+    bias = self.param('bias', self.bias_init, (self.features,)) if self.use_bias else None
+    x = x.astype(jnp.float32)
+    if kernel.size > MAX_NATIVE_WEIGHTS:
+      y = jnp.dot(x, kernel)
+      return y if bias is None else y + bias
+    return dense(x, kernel, bias)
+
+
+def make(kernel: str, features: int, **kwargs: Any) -> nn.Module:
+  """`nn.Dense(features, **kwargs)` under kernel 'xla', `Dense` (the same parameters) under
+  'native'."""
+  if kernel == 'native':
+    return Dense(features, **kwargs)
+  if kernel != 'xla':
+    raise ValueError(f"dense kernel must be 'xla' or 'native', got {kernel!r}")
+  return nn.Dense(features, **kwargs)
