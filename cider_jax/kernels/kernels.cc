@@ -1012,6 +1012,8 @@ void ln_backward_rows(const float* x, const float* gamma, const float* stats, co
 // block of KB rows of dw by NV vectors of columns lives in registers: per row m, NV vectors
 // of dy times KB broadcast entries of x.
 constexpr int kWgTile = 256;
+// Above this many weights (K·N) the parts split dw's rows instead of x's.
+constexpr int64_t kWgSplitWeights = 64 * 1024;
 
 // acc (KB × NV vectors) += Σ_{m in [m0, m1)} x[m·K + i]·dy[m·N + c], i < KB, c < NV·W.
 template <int KB, int NV>
@@ -1078,11 +1080,12 @@ void wg_any_block(int kb, const float* x, int K, const float* dy, int M, int N, 
   table[kb - 1](x, K, dy, M, N, m0, m1, k0, n0, cols, dw);
 }
 
-// dw (K, N) and db (N) of rows [m0, m1), overwritten.
-void wg_part(const float* x, const float* dy, int M, int K, int N, int m0, int m1, float* dw,
-             float* db) {
-  std::fill(dw, dw + static_cast<size_t>(K) * N, 0.0f);
-  std::fill(db, db + N, 0.0f);
+// Rows [ka, kb) of dw (K, N) from the rows [m0, m1) of x and dy, overwritten; with db set,
+// also db (N) = Σ dy over those rows.
+void wg_part(const float* x, const float* dy, int M, int K, int N, int m0, int m1, int ka,
+             int kb, float* dw, float* db) {
+  std::fill(dw + static_cast<size_t>(ka) * N, dw + static_cast<size_t>(kb) * N, 0.0f);
+  if (db) std::fill(db, db + N, 0.0f);
   for (int t0 = m0; t0 < m1; t0 += kWgTile) {
     const int t1 = std::min(m1, t0 + kWgTile);
     for (int n0 = 0; n0 < N; n0 += 4 * W) {
@@ -1091,8 +1094,8 @@ void wg_part(const float* x, const float* dy, int M, int K, int N, int m0, int m
       auto run = [&](auto nvc) {
         constexpr int NV = decltype(nvc)::value;
         constexpr int KB = wg_kb<NV>();
-        for (int k0 = 0; k0 < K; k0 += KB)
-          wg_any_block<NV>(std::min(KB, K - k0), x, K, dy, M, N, t0, t1, k0, n0, cols, dw);
+        for (int k0 = ka; k0 < kb; k0 += KB)
+          wg_any_block<NV>(std::min(KB, kb - k0), x, K, dy, M, N, t0, t1, k0, n0, cols, dw);
       };
       switch (nv) {
         case 1: run(std::integral_constant<int, 1>{}); break;
@@ -1101,6 +1104,7 @@ void wg_part(const float* x, const float* dy, int M, int K, int N, int m0, int m
         default: run(std::integral_constant<int, 4>{}); break;
       }
     }
+    if (!db) continue;
     for (int m = t0; m < t1; ++m) {
       const float* dr = dy + static_cast<size_t>(m) * N;
       int n = 0;
@@ -1613,20 +1617,32 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   if (dw->dimensions().size() != 2 || dw->dimensions()[0] != K || dw->dimensions()[1] != N ||
       db->dimensions().size() != 1 || db->dimensions()[0] != N)
     return ffi::Error::InvalidArgument("cider weight gradient: dw (K, N) and db (N,)");
-  const int parts = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(4 * (pool.num_threads() + 1), M / 128)));
+  const float *xp = x.typed_data(), *gp = dy.typed_data();
+  float *wp = dw->typed_data(), *bp = db->typed_data();
+  const int64_t chunks = 4 * (pool.num_threads() + 1);
+  if (static_cast<int64_t>(K) * N > kWgSplitWeights) {
+    // many weights: each part owns a range of dw's rows (part 0 also db), no partial sums
+    const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(chunks, K / 8)));
+    parallel_for(pool, parts, [&](int begin, int end) {
+      for (int p = begin; p < end; ++p)
+        wg_part(xp, gp, M, K, N, 0, M, static_cast<int>(static_cast<int64_t>(K) * p / parts),
+                static_cast<int>(static_cast<int64_t>(K) * (p + 1) / parts), wp,
+                p == 0 ? bp : nullptr);
+    });
+    return ffi::Error::Success();
+  }
+  // few weights: each part sums a range of x's rows into its own (K + 1, N) partial
+  const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(chunks, M / 128)));
   const size_t part_size = static_cast<size_t>(K + 1) * N;
   std::vector<float> partial(parts * part_size);
-  const float *xp = x.typed_data(), *gp = dy.typed_data();
   parallel_for(pool, parts, [&](int begin, int end) {
     for (int p = begin; p < end; ++p) {
       float* out = partial.data() + p * part_size;
       wg_part(xp, gp, M, K, N, static_cast<int>(static_cast<int64_t>(M) * p / parts),
-              static_cast<int>(static_cast<int64_t>(M) * (p + 1) / parts), out,
+              static_cast<int>(static_cast<int64_t>(M) * (p + 1) / parts), 0, K, out,
               out + static_cast<size_t>(K) * N);
     }
   });
-  float *wp = dw->typed_data(), *bp = db->typed_data();
   std::copy(partial.begin(), partial.begin() + static_cast<size_t>(K) * N, wp);
   std::copy(partial.begin() + static_cast<size_t>(K) * N, partial.begin() + part_size, bp);
   for (int p = 1; p < parts; ++p) {
