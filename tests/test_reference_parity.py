@@ -22,9 +22,10 @@ def test_fixtures_present():
   assert len(MODEL_FIXTURES) >= 2, f'no model fixtures under {FIXTURES}'
 
 
+@pytest.mark.parametrize('kernels', ['native', 'xla'])
 @pytest.mark.parametrize('path', MODEL_FIXTURES, ids=os.path.basename)
-def test_check_reference_within_tolerance(path):
-  diffs, failed = check_reference.compare(path)
+def test_check_reference_within_tolerance(path, kernels):
+  diffs, failed = check_reference.compare(path, kernels)
   assert not failed, {k: diffs[k] for k in failed}
   z = np.load(path)
   # every output, loss and parameter of the fixture was compared
@@ -42,8 +43,8 @@ def test_check_reference_within_tolerance(path):
 @pytest.mark.slow
 @pytest.mark.parametrize('path', MODEL_FIXTURES[:1], ids=os.path.basename)
 def test_check_reference_cli(path):
-  r = subprocess.run([sys.executable, '-m', 'cider_jax.compat.check_reference', path],
-                     capture_output=True, text=True, cwd=ROOT)
+  r = subprocess.run([sys.executable, '-m', 'cider_jax.compat.check_reference', path,
+                      '--kernels=xla'], capture_output=True, text=True, cwd=ROOT)
   assert r.returncode == 0, r.stderr
   last = json.loads(r.stdout.strip().splitlines()[-1])
   assert 'output/full/pred' in last and 'loss/loss_task' in last
@@ -66,6 +67,12 @@ def test_check_reference_bad_file(tmp_path):
   r = subprocess.run([sys.executable, '-m', 'cider_jax.compat.check_reference', str(p)],
                      capture_output=True, text=True, cwd=ROOT)
   assert r.returncode == 2 and 'not a fixture' in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_check_reference_rejects_an_unknown_kernels_choice():
+  r = subprocess.run([sys.executable, '-m', 'cider_jax.compat.check_reference', MODEL_FIXTURES[0],
+                      '--kernels', 'fast'], capture_output=True, text=True, cwd=ROOT)
+  assert r.returncode == 2 and 'usage' in r.stderr and 'Traceback' not in r.stderr
 
 
 @pytest.mark.parametrize('path', MODEL_FIXTURES, ids=os.path.basename)

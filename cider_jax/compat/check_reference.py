@@ -1,6 +1,6 @@
 """Check cider_jax against a fixture produced by the original PyTorch CIDer.
 
-  python -m cider_jax.compat.check_reference FIXTURE.npz
+  python -m cider_jax.compat.check_reference FIXTURE.npz [--kernels auto|native|xla]
 
 Reads the architecture from the file (`meta_json` and shapes), converts `param/*` to Flax,
 runs the teacher, student and test passes, the loss terms and one full training iteration
@@ -22,6 +22,7 @@ from cider_jax import losses, optim
 from cider_jax.compat.reference import BUFFERS, flax_to_torch, infer_structure, torch_to_flax
 from cider_jax.models.bert import BertConfig
 from cider_jax.models.cider import CIDer
+from cider_jax.spec import resolve_kernels
 from cider_jax.train_step import TrainState, train_step
 
 OUTPUT_TOL = 1e-4
@@ -44,7 +45,7 @@ def load_fixture(path):
   return {k: z[k] for k in z.files}, meta
 
 
-def build(arrays, meta):
+def build(arrays, meta, kernels='auto'):
   hp = meta['hparams']
   state = {k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')}
   layers, num_classes, cross = infer_structure(state)
@@ -52,9 +53,11 @@ def build(arrays, meta):
   seq = (text.shape[2], arrays['input/audio'].shape[1], arrays['input/vision'].shape[1])
   dims = (state['proj_l.weight'].shape[1], state['proj_a.weight'].shape[1],
           state['proj_v.weight'].shape[1])
+  E = state['proj_l.weight'].shape[0]
   model = CIDer(BertConfig.from_dict(meta['bert']), num_classes, bool(hp['aligned']), dims, seq,
-                embed_dim=state['proj_l.weight'].shape[0], num_heads=int(hp['num_heads']),
-                layers=layers, positions='reference', cross_dataset=cross)
+                embed_dim=E, num_heads=int(hp['num_heads']), layers=layers,
+                positions='reference', cross_dataset=cross,
+                kernels=resolve_kernels(kernels, E // int(hp['num_heads'])))
   return model, torch_to_flax(state), cross
 
 
@@ -81,9 +84,10 @@ def train_config(meta):
   return c
 
 
-def compare(path):
+def compare(path, kernels='auto'):
+  """kernels: model.kernels ('auto': native on the CPU backend when the kernels build)."""
   arrays, meta = load_fixture(path)
-  model, params, cross = build(arrays, meta)
+  model, params, cross = build(arrays, meta, kernels)
   H = int(meta['hparams']['num_heads'])
   cls_feats, cls_probs = jnp.asarray(arrays['input/cls_feats']), jnp.asarray(arrays['input/cls_probs'])
   full_in = inputs_of(arrays, 'input/text')
@@ -170,11 +174,20 @@ def compare(path):
 
 
 def main(argv):
-  if len(argv) != 2:
-    print('usage: python -m cider_jax.compat.check_reference FIXTURE.npz', file=sys.stderr)
+  args = list(argv[1:])
+  kernels = 'auto'
+  for i, a in enumerate(args):
+    if a.startswith('--kernels'):
+      value = a.split('=', 1)[1] if '=' in a else (args[i + 1] if i + 1 < len(args) else '')
+      kernels = value
+      args = args[:i] + args[i + (1 if '=' in a else 2):]
+      break
+  if len(args) != 1 or kernels not in ('auto', 'native', 'xla'):
+    print('usage: python -m cider_jax.compat.check_reference FIXTURE.npz '
+          '[--kernels auto|native|xla]', file=sys.stderr)
     return 2
   try:
-    diffs, failed = compare(argv[1])
+    diffs, failed = compare(args[0], kernels)
   except FixtureError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
