@@ -68,10 +68,18 @@ def zero_padding_row(grads):
   return grads
 
 
-def clip_by_global_norm(grads, max_norm: float):
-  """Scale grads so that their global norm is at most max_norm (no-op when max_norm <= 0)."""
-  norm = optax.tree.norm(grads)
-  if max_norm <= 0:
-    return grads, norm
-  factor = jnp.minimum(1.0, max_norm / (norm + 1e-12))
-  return jax.tree.map(lambda g: g * factor, grads), norm
+def clip_by_global_norm(grads, max_norm: float, extra_sq=None, return_factor: bool = False):
+  """Scale grads so that their global norm is at most max_norm (no-op when max_norm <= 0).
+
+  extra_sq: the squared norm of gradients held outside the tree (embedding_rows), counted in
+  the global norm; return_factor: also return the factor (1 when not clipping) to scale them.
+  """
+  if extra_sq is None:
+    norm = optax.tree.norm(grads)
+  else:
+    norm = jnp.sqrt(optax.tree.norm(grads, squared=True) + extra_sq)
+  factor = jnp.ones((), jnp.float32)
+  if max_norm > 0:
+    factor = jnp.minimum(1.0, max_norm / (norm + 1e-12))
+    grads = jax.tree.map(lambda g: g * factor, grads)
+  return (grads, norm, factor) if return_factor else (grads, norm)

@@ -17,7 +17,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from cider_jax import counterfactual, losses, masks, optim
+from cider_jax import counterfactual, embedding_rows, losses, masks, optim
 
 INPUT_KEYS = ('text_ids', 'text_mask', 'text_segments', 'audio', 'audio_mask', 'vision',
               'vision_mask')
@@ -94,31 +94,53 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
                        deterministic=deterministic, reconstruct=reconstruct,
                        rngs=None if deterministic else {'dropout': rng})
 
+  x_m = masked_inputs(inputs, text_keep, audio_keep, vision_keep)
+  cf_ids = None
+  if cfg_train.counterfactual_metrics:
+    cf_ids = counterfactual.counterfactual_ids_jax(x_m['text_ids'], state.consts['bias_table'])
+  rows = None
+  if config.optim.get('embedding_rows', True) and embedding_rows.present(state.params):
+    ids = [inputs['text_ids'], x_m['text_ids']] + ([cf_ids] if cf_ids is not None else [])
+    rows = embedding_rows.Step(state, ids, config, axis_name,
+                               functools.partial(_global, axis_name=axis_name))
+  params0 = rows.params if rows else state.params
+  opt0 = rows.opt_state if rows else state.opt_state
+
+  def with_rows(x, part, table_rows):
+    return x if rows is None else dict(x, text_word_rows=rows.rows(table_rows, part))
+
   # ---------------------------------------------------------------- teacher: θ0 → θ1
-  def teacher_loss(params):
-    out = apply(params, inputs, k_teacher)
+  def teacher_loss(params, table_rows):
+    out = apply(params, with_rows(inputs, 0, table_rows), k_teacher)
     num, den = losses.nll(out['logp'], y, valid)
     return num / _global(den, axis_name), out
 
-  (loss_t, out_t), g_t = jax.value_and_grad(teacher_loss, has_aux=True)(state.params)
-  g_t = optim.zero_padding_row(_global(g_t, axis_name))
-  g_t_used, gnorm_t = optim.clip_by_global_norm(g_t, config.optim.grad_clip)
-  updates, opt1 = tx.update(g_t_used, state.opt_state, state.params)
-  params1 = jax.tree.map(lambda p, u: p + u, state.params, updates)
-  params1, opt1 = optim.keep_group('student_only', labels, state.params, params1,
-                                   state.opt_state, opt1)
+  (loss_t, out_t), (g_t, g_rows_t) = jax.value_and_grad(teacher_loss, argnums=(0, 1),
+                                                        has_aux=True)(params0, rows and rows.p0)
+  g_t = _global(g_t, axis_name)
+  if rows:
+    G_t = rows.sums(g_rows_t)
+    g_t_used, gnorm_t, clip_t = optim.clip_by_global_norm(
+        g_t, config.optim.grad_clip, extra_sq=jnp.sum(G_t * G_t), return_factor=True)
+  else:
+    g_t = optim.zero_padding_row(g_t)
+    g_t_used, gnorm_t = optim.clip_by_global_norm(g_t, config.optim.grad_clip)
+  updates, opt1 = tx.update(g_t_used, opt0, params0)
+  params1 = jax.tree.map(lambda p, u: p + u, params0, updates)
+  params1, opt1 = optim.keep_group('student_only', labels, params0, params1, opt0, opt1)
+  if rows:
+    rows.first_update(G_t * clip_t)
 
   # ---------------------------------------------------------------- student: θ1 → θ2
   target = jax.lax.stop_gradient(
       {k: out_t[k] for k in ('joint_rep', 'attn_qk', 'text_hidden')})
-  x_m = masked_inputs(inputs, text_keep, audio_keep, vision_keep)
   vmask = valid[:, None]
   dropped = {'text': (inputs['text_mask'] - text_keep) * vmask,
              'audio': (inputs['audio_mask'] - audio_keep) * vmask,
              'vision': (inputs['vision_mask'] - vision_keep) * vmask}
 
-  def student_loss(params):
-    out = apply(params, x_m, k_student, reconstruct=True)
+  def student_loss(params, table_rows):
+    out = apply(params, with_rows(x_m, 1, table_rows), k_student, reconstruct=True)
     terms = {
         'loss_task_m': losses.nll(out['logp'], y, valid),
         'loss_rep': losses.representation(out['joint_rep'], target['joint_rep'], valid),
@@ -141,10 +163,20 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
                                  + vals['loss_rec_vision']))
     return total, (vals, out)
 
-  (loss_s, (vals, out_s)), g_s = jax.value_and_grad(student_loss, has_aux=True)(params1)
-  g_s = optim.zero_padding_row(_global(g_s, axis_name))
+  (loss_s, (vals, out_s)), (g_s, g_rows_s) = jax.value_and_grad(
+      student_loss, argnums=(0, 1), has_aux=True)(params1, rows and rows.p1)
+  g_s = _global(g_s, axis_name)
+  if not rows:
+    g_s = optim.zero_padding_row(g_s)
   g2 = jax.tree.map(jnp.add, g_t, g_s) if cfg_train.accumulate_teacher_grad else g_s
-  g2_used, gnorm_2 = optim.clip_by_global_norm(g2, config.optim.grad_clip)
+  if rows:
+    G_2 = rows.sums(g_rows_s)
+    if cfg_train.accumulate_teacher_grad:
+      G_2 = G_t + G_2
+    g2_used, gnorm_2, clip_2 = optim.clip_by_global_norm(
+        g2, config.optim.grad_clip, extra_sq=jnp.sum(G_2 * G_2), return_factor=True)
+  else:
+    g2_used, gnorm_2 = optim.clip_by_global_norm(g2, config.optim.grad_clip)
   updates, opt2 = tx.update(g2_used, opt1, params1)
   params2 = jax.tree.map(lambda p, u: p + u, params1, updates)
 
@@ -157,13 +189,16 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
   correct = (jnp.argmax(out_s['logp'], -1) == y) * valid
   metrics['acc_m'] = _global(jnp.sum(correct), axis_name) / n_valid
   if cfg_train.counterfactual_metrics:
-    cf_ids = counterfactual.counterfactual_ids_jax(x_m['text_ids'], state.consts['bias_table'])
-    out_cf = apply(params1, dict(x_m, text_ids=cf_ids), k_cf)
+    out_cf = apply(params1, with_rows(dict(x_m, text_ids=cf_ids), 2, rows and rows.p1), k_cf)
     tau = config.maci.get('train_tau', 1.0)
     debiased = out_s['logp'] - tau * jax.lax.stop_gradient(out_cf['logp'])
     correct_d = (jnp.argmax(debiased, -1) == y) * valid
     metrics['acc_m_debiased'] = _global(jnp.sum(correct_d), axis_name) / n_valid
     metrics['logp_cf'] = out_cf['logp']
+  if rows:
+    params2, opt2 = rows.finish(params2, opt2, G_2 * clip_2)
+    if return_grads:
+      g_t, g2 = rows.dense_grads(g_t, G_t), rows.dense_grads(g2, G_2)
   new_state = state.replace(step=state.step + 1, params=params2, opt_state=opt2)
   if return_grads:
     metrics['grads'] = (g_t, g2)

@@ -71,6 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
   optim.b2 = 0.999              # Adam beta2
   optim.eps = 1e-8              # Adam epsilon
   optim.grad_clip = 0.0         # global-norm gradient clipping per update (0: off, as the original)
+  optim.embedding_rows = True   # the word-embedding table's updates row-wise (embedding_rows.py)
 
   # ---------------------------------------------------------------- training
   config.train = train = ml_collections.ConfigDict()

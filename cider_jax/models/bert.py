@@ -70,8 +70,10 @@ class BertEmbeddings(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, ids, segments, deterministic: bool):
-    """ids, segments (B, L) int → (B, L, H)."""
+  def __call__(self, ids, segments, deterministic: bool, word_rows=None):
+    """ids, segments (B, L) int → (B, L, H). word_rows (B, L, H): the word-embedding rows of
+    ids, taken by the caller (the train step's row-wise embedding update) instead of the
+    table, which is then not read."""
     c = self.config
     init = nn.initializers.normal(0.02)
     word = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=init, name='word_embeddings')
@@ -80,7 +82,7 @@ class BertEmbeddings(nn.Module):
     seg = nn.Embed(c.type_vocab_size, c.hidden_size, embedding_init=init,
                    name='token_type_embeddings')
     positions = jnp.arange(ids.shape[1])[None, :]
-    x = word(ids) + seg(segments) + pos(positions)
+    x = (word(ids) if word_rows is None else word_rows) + seg(segments) + pos(positions)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, name='LayerNorm')(x)
     x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
     return x.astype(self.dtype)
@@ -180,12 +182,13 @@ class BertEncoder(nn.Module):
   dense_kernel: str = 'xla'    # 'native': the float32 Dense weight gradients by kernels.dense
 
   @nn.compact
-  def __call__(self, ids, mask, segments, deterministic: bool = True):
-    """ids (B, L) int, mask (B, L) 0/1, segments (B, L) int → (B, L, H)."""
+  def __call__(self, ids, mask, segments, deterministic: bool = True, word_rows=None):
+    """ids (B, L) int, mask (B, L) 0/1, segments (B, L) int → (B, L, H); word_rows: see
+    BertEmbeddings."""
     c = self.config
     ids = jnp.asarray(ids, jnp.int32)
     segments = jnp.asarray(segments, jnp.int32)
-    x = BertEmbeddings(c, self.dtype, name='embeddings')(ids, segments, deterministic)
+    x = BertEmbeddings(c, self.dtype, name='embeddings')(ids, segments, deterministic, word_rows)
     mask_bias = (1.0 - jnp.asarray(mask, jnp.float32))[:, None, None, :] * jnp.finfo(jnp.float32).min
     n = self.num_layers or c.num_hidden_layers
     if n > c.num_hidden_layers:

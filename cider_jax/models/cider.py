@@ -109,7 +109,8 @@ class CIDer(nn.Module):
     h_text = BertEncoder(self.bert, self.bert_layers, self.dtype,
                          attention_kernel(self.kernels, self.bert), self.kernels,
                          name='text_encoder')(
-        inputs['text_ids'], text_mask, inputs['text_segments'], deterministic)
+        inputs['text_ids'], text_mask, inputs['text_segments'], deterministic,
+        inputs.get('text_word_rows'))
 
     proj = lambda name: native_dense.make(self.kernels, E, use_bias=False, name=name)
     x_l = proj('proj_l')(h_text)

@@ -1,4 +1,7 @@
-"""Run 5 pmapped train steps over all local devices on fixed global batches; print the losses.
+"""Run 5 pmapped train steps over all local devices on fixed global batches; print the losses
+and the word-embedding table after them.
+
+  multidevice_losses.py GLOBAL_BATCH [dense]   (dense: optim.embedding_rows=False)
 
 Used by tests/test_train_step.py in a subprocess (the device count is fixed at jax import).
 """
@@ -18,6 +21,7 @@ def main():
   global_batch = int(sys.argv[1])
   n = jax.local_device_count()
   config = tiny.config(batch_size=global_batch)
+  config.optim.embedding_rows = sys.argv[2:] != ['dense']
   parallel.check_batch(global_batch, n)
   model, tx, labels, state = train.init_state(config, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
   from cider_jax.train_step import make_train_step
@@ -27,7 +31,8 @@ def main():
   for i in range(5):
     r, m = step(r, parallel.shard(tiny.batch(global_batch, seed=i), n))
     out.append({k: float(v[0]) for k, v in m.items() if k.startswith('loss')})
-  print(json.dumps({'devices': n, 'losses': out}))
+  table = jax.device_get(r.params['text_encoder']['embeddings']['word_embeddings']['embedding'])
+  print(json.dumps({'devices': n, 'losses': out, 'table': table[0].tolist()}))
 
 
 if __name__ == '__main__':
