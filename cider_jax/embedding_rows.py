@@ -8,13 +8,15 @@ its ids (`word_rows`) instead of the table; their cotangents are summed per dist
 ids of the teacher, student and counterfactual inputs, over all devices); the first update's
 rows feed the student pass; and the table and its moments go from θ0 to θ2 in one pass with
 zero gradients, after which the rows of those ids are overwritten with both updates taken
-with their gradients. The arithmetic is optax's (add_decayed_weights, scale_by_adam, scale).
+with their gradients, each update by the table's group transform (optim.group_transforms).
 """
 from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from cider_jax import optim
 
 PATH = ('text_encoder', 'embeddings', 'word_embeddings', 'embedding')
 GROUP = 'bert_decay'   # optim.param_labels' group of the table
@@ -47,12 +49,16 @@ def placeholder(table):
   return jnp.zeros((0,) + table.shape[1:], table.dtype)
 
 
-def _adam(opt_state):
-  inner = opt_state.inner_states[GROUP].inner_state
-  for i, s in enumerate(inner):
+def _adam_index(chain):
+  """(position, state) of the Adam state in a group's chain state."""
+  for i, s in enumerate(chain):
     if isinstance(s, optax.ScaleByAdamState):
       return i, s
   raise ValueError(f'no Adam state in the optimizer group {GROUP!r}')
+
+
+def _adam(opt_state):
+  return _adam_index(opt_state.inner_states[GROUP].inner_state)
 
 
 def moments(opt_state):
@@ -69,17 +75,6 @@ def with_moments(opt_state, mu, nu):
   states = dict(opt_state.inner_states)
   states[GROUP] = masked._replace(inner_state=tuple(inner))
   return opt_state._replace(inner_states=states)
-
-
-def adam_step(p, m, v, g, t, cfg):
-  """optax's add_decayed_weights(wd) → scale_by_adam → scale(−lr) and p + update, for the
-  raw gradient g (0 for rows without one) at update number t (int32, from 1)."""
-  g = g + cfg.bert_weight_decay * p if cfg.bert_weight_decay else g + jnp.zeros_like(p)
-  m = (1 - cfg.b1) * g + cfg.b1 * m
-  v = (1 - cfg.b2) * (g * g) + cfg.b2 * v
-  m_hat = m / (1 - cfg.b1 ** t).astype(m.dtype)
-  v_hat = v / (1 - cfg.b2 ** t).astype(v.dtype)
-  return p + (-cfg.bert_lr) * (m_hat / (jnp.sqrt(v_hat) + cfg.eps)), m, v
 
 
 class Union(NamedTuple):
@@ -119,7 +114,8 @@ class Step:
   the rows of the union's ids, p0 before and p1 after the first update."""
 
   def __init__(self, state, ids, config, axis_name, global_fn):
-    self.cfg = config.optim
+    self.tx = optim.group_transforms(config.optim)[GROUP]
+    self.chain = state.opt_state.inner_states[GROUP].inner_state
     self.global_fn = global_fn
     table = get(state.params)
     self.table = table
@@ -138,6 +134,15 @@ class Step:
     self.p0 = gather_slots(table, self.u)
     self.m0, self.v0 = gather_slots(self.mu, self.u), gather_slots(self.nu, self.u)
 
+  def _update(self, p, m, v, g, count):
+    """One update of the group's transform on rows p (moments m, v, `count` updates so far)
+    for their raw gradient g: (p + update, mu, nu, count + 1)."""
+    i, _ = _adam_index(self.chain)
+    inner = list(self.chain)
+    inner[i] = optax.ScaleByAdamState(count=count, mu=m, nu=v)
+    updates, new = self.tx.update(g, tuple(inner), p)
+    return p + updates, new[i].mu, new[i].nu, new[i].count
+
   def rows(self, slots, part):
     return jnp.take(slots, self.local[part], axis=0).reshape(self.shape)
 
@@ -146,16 +151,16 @@ class Step:
 
   def first_update(self, grads):
     """θ0 → θ1 on the slots, for the raw (clipped) slot gradients."""
-    self.p1, self.m1, self.v1 = adam_step(self.p0, self.m0, self.v0, grads, self.count + 1,
-                                          self.cfg)
+    self.p1, self.m1, self.v1, self.count1 = self._update(self.p0, self.m0, self.v0, grads,
+                                                          self.count)
 
   def finish(self, params, opt_state, grads):
     """params and opt_state of θ2 with the table and its moments: both updates with zero
     gradients over the whole table, the slots' own two updates written over their rows."""
-    t1, t2 = self.count + 1, self.count + 2
-    p, m, v = adam_step(*adam_step(self.table, self.mu, self.nu, 0.0, t1, self.cfg), 0.0, t2,
-                        self.cfg)
-    p_s, m_s, v_s = adam_step(self.p1, self.m1, self.v1, grads, t2, self.cfg)
+    zero = jnp.zeros_like(self.table)
+    p, m, v, _ = self._update(self.table, self.mu, self.nu, zero, self.count)
+    p, m, v, _ = self._update(p, m, v, zero, self.count1)
+    p_s, m_s, v_s, _ = self._update(self.p1, self.m1, self.v1, grads, self.count1)
     p, m, v = (scatter_slots(a, self.u, r) for a, r in ((p, p_s), (m, m_s), (v, v_s)))
     return replace(params, p), with_moments(opt_state, m, v)
 

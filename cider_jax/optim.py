@@ -34,21 +34,25 @@ def param_labels(params, aligned: bool):
   return traverse_util.unflatten_dict(labels)
 
 
-def make_optimizer(cfg, params, aligned: bool):
-  """cfg: config.optim. Returns (optax transform, labels pytree)."""
+def group_transforms(cfg):
+  """{group label: its optax transform}; cfg: config.optim."""
   def adam(lr, wd=0.0):
     parts = [optax.add_decayed_weights(wd)] if wd else []
     return optax.chain(*parts, optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
                        optax.scale(-lr))
-  labels = param_labels(params, aligned)
-  tx = optax.multi_transform({
+  return {
       'bert_decay': adam(cfg.bert_lr, cfg.bert_weight_decay),
       'bert_no_decay': adam(cfg.bert_lr),
       'rest': adam(cfg.lr),
       'student_only': adam(cfg.lr),
       'frozen': optax.set_to_zero(),
-  }, labels)
-  return tx, labels
+  }
+
+
+def make_optimizer(cfg, params, aligned: bool):
+  """cfg: config.optim. Returns (optax transform, labels pytree)."""
+  labels = param_labels(params, aligned)
+  return optax.multi_transform(group_transforms(cfg), labels), labels
 
 
 def keep_group(group: str, labels, old_params, new_params, old_state, new_state):

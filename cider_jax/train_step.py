@@ -116,7 +116,8 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
     return num / _global(den, axis_name), out
 
   (loss_t, out_t), (g_t, g_rows_t) = jax.value_and_grad(teacher_loss, argnums=(0, 1),
-                                                        has_aux=True)(params0, rows and rows.p0)
+                                                        has_aux=True)(
+      params0, rows.p0 if rows else None)
   g_t = _global(g_t, axis_name)
   if rows:
     G_t = rows.sums(g_rows_t)
@@ -164,7 +165,7 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
     return total, (vals, out)
 
   (loss_s, (vals, out_s)), (g_s, g_rows_s) = jax.value_and_grad(
-      student_loss, argnums=(0, 1), has_aux=True)(params1, rows and rows.p1)
+      student_loss, argnums=(0, 1), has_aux=True)(params1, rows.p1 if rows else None)
   g_s = _global(g_s, axis_name)
   if not rows:
     g_s = optim.zero_padding_row(g_s)
@@ -189,7 +190,8 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
   correct = (jnp.argmax(out_s['logp'], -1) == y) * valid
   metrics['acc_m'] = _global(jnp.sum(correct), axis_name) / n_valid
   if cfg_train.counterfactual_metrics:
-    out_cf = apply(params1, with_rows(dict(x_m, text_ids=cf_ids), 2, rows and rows.p1), k_cf)
+    x_cf = with_rows(dict(x_m, text_ids=cf_ids), 2, rows.p1 if rows else None)
+    out_cf = apply(params1, x_cf, k_cf)
     tau = config.maci.get('train_tau', 1.0)
     debiased = out_s['logp'] - tau * jax.lax.stop_gradient(out_cf['logp'])
     correct_d = (jnp.argmax(debiased, -1) == y) * valid

@@ -30,49 +30,27 @@ MAX_NATIVE_WEIGHTS = 384 * 1536
 
 def dense(x, kernel, bias=None):
   """x (..., K) · kernel (K, N) (+ bias (N,)) in float32, with the native weight gradient."""
-  if bias is None:
-    return _dense_no_bias(x, kernel)
-  return _dense(x, kernel, bias)
-
-
-def _weight_grads(x, dy):
-  rows = int(np.prod(x.shape[:-1], dtype=np.int64))
-  return weight_grad(x.reshape(rows, x.shape[-1]), dy.reshape(rows, dy.shape[-1]))
+  return _dense(x, kernel, *(() if bias is None else (bias,)))
 
 
 @jax.custom_vjp
-def _dense(x, kernel, bias):
-  return jnp.dot(x, kernel) + bias
+def _dense(x, kernel, *bias):   # bias: () or (bias,)
+  y = jnp.dot(x, kernel)
+  return y + bias[0] if bias else y
 
 
-def _dense_fwd(x, kernel, bias):
-  return _dense(x, kernel, bias), (x, kernel)
+def _dense_fwd(x, kernel, *bias):
+  return _dense(x, kernel, *bias), (x, kernel, bias)
 
 
 def _dense_bwd(res, dy):
-  x, kernel = res
-  dw, db = _weight_grads(x, dy)
-  return jnp.dot(dy, kernel.T), dw, db
+  x, kernel, bias = res
+  rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+  dw, db = weight_grad(x.reshape(rows, x.shape[-1]), dy.reshape(rows, dy.shape[-1]))
+  return (jnp.dot(dy, kernel.T), dw) + ((db,) if bias else ())
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-@jax.custom_vjp
-def _dense_no_bias(x, kernel):
-  return jnp.dot(x, kernel)
-
-
-def _dense_no_bias_fwd(x, kernel):
-  return _dense_no_bias(x, kernel), (x, kernel)
-
-
-def _dense_no_bias_bwd(res, dy):
-  x, kernel = res
-  return jnp.dot(dy, kernel.T), _weight_grads(x, dy)[0]
-
-
-_dense_no_bias.defvjp(_dense_no_bias_fwd, _dense_no_bias_bwd)
 
 
 class Dense(nn.Module):

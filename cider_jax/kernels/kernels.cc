@@ -1007,10 +1007,11 @@ void ln_backward_rows(const float* x, const float* gamma, const float* stats, co
 
 // 7. Weight gradient of a dense layer y = x·w + b over M rows: dw = xᵀ·dy (K, N) and
 // db = Σ_m dy_m (N), x (M, K) and dy (M, N) row-major, read in place (no transposed copies).
-// The rows are split into parts, each summed into its own (K + 1, N) partial (row K: db) on
-// the pool; the caller adds the parts. Within a part, a tile of kWgTile rows at a time, a
-// block of KB rows of dw by NV vectors of columns lives in registers: per row m, NV vectors
-// of dy times KB broadcast entries of x.
+// Up to kWgSplitWeights weights the rows of x are split into parts on the pool, each summed
+// into its own (K + 1, N) partial (row K: db), and the caller adds the parts; above it each
+// part owns a range of dw's rows over all of x. Within a part, a tile of kWgTile rows at a
+// time, a block of KB rows of dw by NV vectors of columns lives in registers: per row m, NV
+// vectors of dy times KB broadcast entries of x.
 constexpr int kWgTile = 256;
 // Above this many weights (K·N) the parts split dw's rows instead of x's.
 constexpr int64_t kWgSplitWeights = 64 * 1024;
@@ -1113,7 +1114,6 @@ void wg_part(const float* x, const float* dy, int M, int K, int N, int m0, int m
     }
   }
 }
-
 
 // Runs body(begin, end) over [0, items) in contiguous chunks. Chunks are claimed from an
 // atomic counter by the caller and by tasks scheduled on XLA's intra-op pool, so the caller
