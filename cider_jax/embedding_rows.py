@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from cider_jax import optim
+from cider_jax.kernels import adam as native_adam
 
 PATH = ('text_encoder', 'embeddings', 'word_embeddings', 'embedding')
 GROUP = 'bert_decay'   # optim.param_labels' group of the table
@@ -49,16 +50,8 @@ def placeholder(table):
   return jnp.zeros((0,) + table.shape[1:], table.dtype)
 
 
-def _adam_index(chain):
-  """(position, state) of the Adam state in a group's chain state."""
-  for i, s in enumerate(chain):
-    if isinstance(s, optax.ScaleByAdamState):
-      return i, s
-  raise ValueError(f'no Adam state in the optimizer group {GROUP!r}')
-
-
 def _adam(opt_state):
-  return _adam_index(opt_state.inner_states[GROUP].inner_state)
+  return optim.adam_state(opt_state.inner_states[GROUP].inner_state)
 
 
 def moments(opt_state):
@@ -113,7 +106,8 @@ class Step:
   for part 0 (teacher ids), 1 (student ids), 2 (counterfactual ids), where slots (U, H) are
   the rows of the union's ids, p0 before and p1 after the first update."""
 
-  def __init__(self, state, ids, config, axis_name, global_fn):
+  def __init__(self, state, ids, config, axis_name, global_fn, native: bool = False):
+    self.cfg, self.native = config.optim, native
     self.tx = optim.group_transforms(config.optim)[GROUP]
     self.chain = state.opt_state.inner_states[GROUP].inner_state
     self.global_fn = global_fn
@@ -137,7 +131,7 @@ class Step:
   def _update(self, p, m, v, g, count):
     """One update of the group's transform on rows p (moments m, v, `count` updates so far)
     for their raw gradient g: (p + update, mu, nu, count + 1)."""
-    i, _ = _adam_index(self.chain)
+    i, _ = optim.adam_state(self.chain)
     inner = list(self.chain)
     inner[i] = optax.ScaleByAdamState(count=count, mu=m, nu=v)
     updates, new = self.tx.update(g, tuple(inner), p)
@@ -157,9 +151,17 @@ class Step:
   def finish(self, params, opt_state, grads):
     """params and opt_state of θ2 with the table and its moments: both updates with zero
     gradients over the whole table, the slots' own two updates written over their rows."""
-    zero = jnp.zeros_like(self.table)
-    p, m, v, _ = self._update(self.table, self.mu, self.nu, zero, self.count)
-    p, m, v, _ = self._update(p, m, v, zero, self.count1)
+    if self.native:   # one kernel pass over the table and its moments, in place
+      lr, wd = optim.adam_groups(self.cfg)[GROUP]
+      b1, b2 = self.cfg.b1, self.cfg.b2
+      coef = jnp.concatenate([native_adam.bias_corrections(b1, b2, c)[None] for c in (
+          optax.safe_increment(self.count), optax.safe_increment(self.count1))])
+      p, m, v = native_adam.update(self.table, self.mu, self.nu, None, coef, b1=b1, b2=b2,
+                                   eps=self.cfg.eps, lr=lr, wd=wd)
+    else:
+      zero = jnp.zeros_like(self.table)
+      p, m, v, _ = self._update(self.table, self.mu, self.nu, zero, self.count)
+      p, m, v, _ = self._update(p, m, v, zero, self.count1)
     p_s, m_s, v_s, _ = self._update(self.p1, self.m1, self.v1, grads, self.count1)
     p, m, v = (scatter_slots(a, self.u, r) for a, r in ((p, p_s), (m, m_s), (v, v_s)))
     return replace(params, p), with_moments(opt_state, m, v)

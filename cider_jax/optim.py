@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from cider_jax.kernels import adam as native_adam
+
 STUDENT_ONLY = ('recon_text', 'recon_audio', 'recon_vision')
 
 
@@ -34,19 +36,23 @@ def param_labels(params, aligned: bool):
   return traverse_util.unflatten_dict(labels)
 
 
+def adam_groups(cfg):
+  """{group label: (learning rate, L2 coefficient)} of the Adam groups; cfg: config.optim."""
+  return {'bert_decay': (cfg.bert_lr, cfg.bert_weight_decay),
+          'bert_no_decay': (cfg.bert_lr, 0.0),
+          'rest': (cfg.lr, 0.0),
+          'student_only': (cfg.lr, 0.0)}
+
+
 def group_transforms(cfg):
   """{group label: its optax transform}; cfg: config.optim."""
-  def adam(lr, wd=0.0):
+  def adam(lr, wd):
     parts = [optax.add_decayed_weights(wd)] if wd else []
     return optax.chain(*parts, optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
                        optax.scale(-lr))
-  return {
-      'bert_decay': adam(cfg.bert_lr, cfg.bert_weight_decay),
-      'bert_no_decay': adam(cfg.bert_lr),
-      'rest': adam(cfg.lr),
-      'student_only': adam(cfg.lr),
-      'frozen': optax.set_to_zero(),
-  }
+  groups = {label: adam(lr, wd) for label, (lr, wd) in adam_groups(cfg).items()}
+  groups['frozen'] = optax.set_to_zero()
+  return groups
 
 
 def make_optimizer(cfg, params, aligned: bool):
@@ -62,6 +68,53 @@ def keep_group(group: str, labels, old_params, new_params, old_state, new_state)
   inner = dict(new_state.inner_states)
   inner[group] = old_state.inner_states[group]
   return params, new_state._replace(inner_states=inner)
+
+
+def adam_state(chain):
+  """(position, state) of the Adam state in a group's chain state."""
+  for i, state in enumerate(chain):
+    if isinstance(state, optax.ScaleByAdamState):
+      return i, state
+  raise ValueError('no Adam state in the optimizer group\'s chain')
+
+
+def apply_update(tx, labels, params, grads, opt_state, *, cfg=None, skip=()):
+  """(params + tx's update, new opt_state) for make_optimizer's transform `tx`; the groups
+  in `skip` keep their parameters and state (keep_group).
+
+  cfg (config.optim) given: the same update with each parameter's Adam step one native
+  kernel call in place (kernels/adam.py: optax's float32 operations in their order, in one
+  pass over the parameter and its moments instead of XLA's several).
+  """
+  if cfg is None:
+    updates, new_state = tx.update(grads, opt_state, params)
+    new_params = jax.tree.map(lambda p, u: p + u, params, updates)
+    for group in skip:
+      new_params, new_state = keep_group(group, labels, params, new_params, opt_state,
+                                         new_state)
+    return new_params, new_state
+  flat_p, flat_g = traverse_util.flatten_dict(params), traverse_util.flatten_dict(grads)
+  flat_labels = traverse_util.flatten_dict(labels)
+  new_p, states = dict(flat_p), dict(opt_state.inner_states)
+  for group, (lr, wd) in adam_groups(cfg).items():
+    if group in skip or group not in states:
+      continue
+    masked = states[group]
+    i, adam = adam_state(masked.inner_state)
+    count = optax.safe_increment(adam.count)
+    coef = native_adam.bias_corrections(cfg.b1, cfg.b2, count)[None]
+    mu, nu = traverse_util.flatten_dict(adam.mu), traverse_util.flatten_dict(adam.nu)
+    for path, label in flat_labels.items():
+      if label != group or flat_p[path].size == 0:   # (0, H): embedding_rows' placeholder
+        continue
+      new_p[path], mu[path], nu[path] = native_adam.update(
+          flat_p[path], mu[path], nu[path], flat_g[path], coef, b1=cfg.b1, b2=cfg.b2,
+          eps=cfg.eps, lr=lr, wd=wd)
+    inner = list(masked.inner_state)
+    inner[i] = adam._replace(count=count, mu=traverse_util.unflatten_dict(mu),
+                             nu=traverse_util.unflatten_dict(nu))
+    states[group] = masked._replace(inner_state=tuple(inner))
+  return traverse_util.unflatten_dict(new_p), opt_state._replace(inner_states=states)
 
 
 def zero_padding_row(grads):

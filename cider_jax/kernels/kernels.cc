@@ -28,6 +28,10 @@
 //
 // 6. LayerNorm (below) over the last axis, forward and backward (the MCT's LayerNorms).
 //
+// 7. Weight gradient of a dense layer (below).
+//
+// 8. Adam updates in place (below): the optimizer's parameter and moment updates.
+//
 // Attention queries run W at a time in vector lanes
 // (GCC vector extensions: AVX-512 where -march=native has it, narrower vectors elsewhere);
 // the items are shared among XLA's intra-op threads.
@@ -41,6 +45,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -1653,6 +1658,93 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   return ffi::Error::Success();
 }
 
+
+// 8. Adam updates in place (optim.py's groups: optax's add_decayed_weights(wd), scale_by_adam
+// and scale(−lr), then p + u), `steps` (1 or 2) of them in a row on p and its moments m, v:
+//   g ← g + wd·p (wd ≠ 0),  m ← (1 − b1)·g + b1·m,  v ← (1 − b2)·g·g + b2·v,
+//   p ← p + (−lr)·((m / c1_s) / (√(v / c2_s) + eps))
+// with coef[s] = (c1_s, c2_s) = (1 − b1^t, 1 − b2^t) of update s. g is the first update's
+// gradient (same shape as p) or empty: zero gradients, as every later update takes. Each
+// element's operations are optax's float32 ones in their order (no fused multiply-adds).
+struct AdamConsts {
+  float c1, b1, c2, b2, eps, neg_lr, wd;
+};
+
+// Elements at or above this count are split into parts on the pool.
+constexpr int64_t kAdamPart = 64 * 1024;
+
+template <typename V>
+inline void adam_element(V& p, V& m, V& v, V g, float c1s, float c2s, const AdamConsts& k,
+                         bool decay) {
+  if (decay) g = g + k.wd * p;
+  m = k.c1 * g + k.b1 * m;
+  v = k.c2 * (g * g) + k.b2 * v;
+  const V mh = m / c1s, vh = v / c2s;
+  V root;
+  if constexpr (std::is_same<V, float>::value) {
+    root = std::sqrt(vh);
+  } else {
+#if defined(__AVX512F__)
+    root = (vf)_mm512_sqrt_ps((__m512)vh);
+#else
+    for (int l = 0; l < W; ++l) root[l] = std::sqrt(vh[l]);
+#endif
+  }
+  p = p + k.neg_lr * (mh / (root + k.eps));
+}
+
+__attribute__((optimize("fp-contract=off")))
+void adam_range(float* p, float* m, float* v, const float* g, const float* coef, int steps,
+                const AdamConsts& k, int64_t begin, int64_t end) {
+  const bool decay = k.wd != 0.0f;
+  int64_t i = begin;
+  for (; i + W <= end; i += W) {
+    vf pv = load(p + i), mv = load(m + i), vv = load(v + i);
+    for (int s = 0; s < steps; ++s)
+      adam_element(pv, mv, vv, (g && s == 0) ? load(g + i) : splat(0.0f), coef[2 * s],
+                   coef[2 * s + 1], k, decay);
+    store(p + i, pv), store(m + i, mv), store(v + i, vv);
+  }
+  for (; i < end; ++i)
+    for (int s = 0; s < steps; ++s)
+      adam_element(p[i], m[i], v[i], (g && s == 0) ? g[i] : 0.0f, coef[2 * s], coef[2 * s + 1],
+                   k, decay);
+}
+
+ffi::Error Adam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
+                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> coef,
+                float b1, float b2, float c1, float c2, float eps, float neg_lr, float wd,
+                ffi::ResultBuffer<ffi::F32> p_out, ffi::ResultBuffer<ffi::F32> m_out,
+                ffi::ResultBuffer<ffi::F32> v_out) {
+  const int64_t n = p.element_count();
+  if (m.element_count() != n || v.element_count() != n ||
+      (g.element_count() != 0 && g.element_count() != n))
+    return ffi::Error::InvalidArgument("cider adam: p, m, v (and g unless empty) must match");
+  const auto cd = coef.dimensions();
+  if (cd.size() != 2 || cd[1] != 2 || cd[0] < 1 || cd[0] > 2)
+    return ffi::Error::InvalidArgument("cider adam: coef must be (steps, 2), 1 or 2 steps");
+  const int steps = static_cast<int>(cd[0]);
+  const AdamConsts k{c1, b1, c2, b2, eps, neg_lr, wd};
+  float *pp = p_out->typed_data(), *mp = m_out->typed_data(), *vp = v_out->typed_data();
+  // aliased in place when XLA can; otherwise start from copies of the inputs
+  if (pp != p.typed_data()) std::copy(p.typed_data(), p.typed_data() + n, pp);
+  if (mp != m.typed_data()) std::copy(m.typed_data(), m.typed_data() + n, mp);
+  if (vp != v.typed_data()) std::copy(v.typed_data(), v.typed_data() + n, vp);
+  const float* gp = g.element_count() ? g.typed_data() : nullptr;
+  const float* cp = coef.typed_data();
+  if (n < kAdamPart) {
+    adam_range(pp, mp, vp, gp, cp, steps, k, 0, n);
+    return ffi::Error::Success();
+  }
+  const int parts = static_cast<int>(std::min<int64_t>(n / (kAdamPart / 4), 1024));
+  parallel_for(pool, parts, [&](int begin, int end) {
+    // part boundaries on multiples of W elements
+    const int64_t lo = (n * begin / parts) / W * W, hi = end == parts ? n : (n * end / parts) / W * W;
+    adam_range(pp, mp, vp, gp, cp, steps, k, lo, hi);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderBlockSoftmaxForward, Forward,
@@ -1811,5 +1903,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderWeightGrad, WeightGrad,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderAdam, Adam,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("b1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("c1")
+                                  .Attr<float>("c2")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("neg_lr")
+                                  .Attr<float>("wd")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -31,7 +31,8 @@ _TARGETS = {'cider_block_softmax_forward': 'CiderBlockSoftmaxForward',
             'cider_composite_attention_backward': 'CiderCompositeAttentionBackward',
             'cider_layer_norm_forward': 'CiderLayerNormForward',
             'cider_layer_norm_backward': 'CiderLayerNormBackward',
-            'cider_weight_grad': 'CiderWeightGrad'}
+            'cider_weight_grad': 'CiderWeightGrad',
+            'cider_adam': 'CiderAdam'}
 
 
 def _cpu_signature() -> str:
