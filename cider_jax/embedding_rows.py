@@ -106,7 +106,10 @@ class Step:
   for part 0 (teacher ids), 1 (student ids), 2 (counterfactual ids), where slots (U, H) are
   the rows of the union's ids, p0 before and p1 after the first update."""
 
-  def __init__(self, state, ids, config, axis_name, global_fn, native: bool = False):
+  def __init__(self, state, ids, config, axis_name, global_fn, native: bool = False,
+               lead: bool = False):
+    """native: the table's zero-gradient updates by the native kernel (kernels/adam.py; lead:
+    True under pmap); else by the group's optax transform."""
     self.cfg, self.native = config.optim, native
     self.tx = optim.group_transforms(config.optim)[GROUP]
     self.chain = state.opt_state.inner_states[GROUP].inner_state
@@ -125,8 +128,20 @@ class Step:
     ph = placeholder(table)
     self.params = replace(state.params, ph)
     self.opt_state = with_moments(state.opt_state, ph, ph)
-    self.p0 = gather_slots(table, self.u)
-    self.m0, self.v0 = gather_slots(self.mu, self.u), gather_slots(self.nu, self.u)
+    if native:
+      # one kernel call copies out the slots' rows, then takes the whole table and its
+      # moments through both updates with zero gradients (they need only the step count)
+      lr, wd = optim.adam_groups(self.cfg)[GROUP]
+      b1, b2 = self.cfg.b1, self.cfg.b2
+      count1 = optax.safe_increment(self.count)
+      coef = jnp.concatenate([native_adam.bias_corrections(b1, b2, c)[None]
+                              for c in (count1, optax.safe_increment(count1))])
+      *self.zero_updated, self.p0, self.m0, self.v0 = native_adam.gather_update(
+          table, self.mu, self.nu, self.u.ids, coef, b1=b1, b2=b2, eps=self.cfg.eps, lr=lr,
+          wd=wd, lead=lead)
+    else:
+      self.p0 = gather_slots(table, self.u)
+      self.m0, self.v0 = gather_slots(self.mu, self.u), gather_slots(self.nu, self.u)
 
   def _update(self, p, m, v, g, count):
     """One update of the group's transform on rows p (moments m, v, `count` updates so far)
@@ -151,13 +166,8 @@ class Step:
   def finish(self, params, opt_state, grads):
     """params and opt_state of θ2 with the table and its moments: both updates with zero
     gradients over the whole table, the slots' own two updates written over their rows."""
-    if self.native:   # one kernel pass over the table and its moments, in place
-      lr, wd = optim.adam_groups(self.cfg)[GROUP]
-      b1, b2 = self.cfg.b1, self.cfg.b2
-      coef = jnp.concatenate([native_adam.bias_corrections(b1, b2, c)[None] for c in (
-          optax.safe_increment(self.count), optax.safe_increment(self.count1))])
-      p, m, v = native_adam.update(self.table, self.mu, self.nu, None, coef, b1=b1, b2=b2,
-                                   eps=self.cfg.eps, lr=lr, wd=wd)
+    if self.native:
+      p, m, v = self.zero_updated
     else:
       zero = jnp.zeros_like(self.table)
       p, m, v, _ = self._update(self.table, self.mu, self.nu, zero, self.count)

@@ -78,13 +78,14 @@ def adam_state(chain):
   raise ValueError('no Adam state in the optimizer group\'s chain')
 
 
-def apply_update(tx, labels, params, grads, opt_state, *, cfg=None, skip=()):
+def apply_update(tx, labels, params, grads, opt_state, *, cfg=None, skip=(), lead=False):
   """(params + tx's update, new opt_state) for make_optimizer's transform `tx`; the groups
   in `skip` keep their parameters and state (keep_group).
 
   cfg (config.optim) given: the same update with each parameter's Adam step one native
   kernel call in place (kernels/adam.py: optax's float32 operations in their order, in one
-  pass over the parameter and its moments instead of XLA's several).
+  pass over the parameter and its moments instead of XLA's several); lead: True under pmap
+  (kernels/adam.py).
   """
   if cfg is None:
     updates, new_state = tx.update(grads, opt_state, params)
@@ -109,7 +110,7 @@ def apply_update(tx, labels, params, grads, opt_state, *, cfg=None, skip=()):
         continue
       new_p[path], mu[path], nu[path] = native_adam.update(
           flat_p[path], mu[path], nu[path], flat_g[path], coef, b1=cfg.b1, b2=cfg.b2,
-          eps=cfg.eps, lr=lr, wd=wd)
+          eps=cfg.eps, lr=lr, wd=wd, lead=lead)
     inner = list(masked.inner_state)
     inner[i] = adam._replace(count=count, mu=traverse_util.unflatten_dict(mu),
                              nu=traverse_util.unflatten_dict(nu))

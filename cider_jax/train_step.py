@@ -98,14 +98,16 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
   cf_ids = None
   if cfg_train.counterfactual_metrics:
     cf_ids = counterfactual.counterfactual_ids_jax(x_m['text_ids'], state.consts['bias_table'])
-  # under native kernels each parameter's Adam step is one kernel call (optim.apply_update)
+  # under native kernels each parameter's Adam step is one kernel call (optim.apply_update);
+  # with axis_name the step runs under pmap (make_train_step), whose parameters are (1, ...)
   native_optim = config.optim if model.kernels == 'native' else None
+  lead = axis_name is not None
   rows = None
   if config.optim.get('embedding_rows', True) and embedding_rows.present(state.params):
     ids = [inputs['text_ids'], x_m['text_ids']] + ([cf_ids] if cf_ids is not None else [])
     rows = embedding_rows.Step(state, ids, config, axis_name,
                                functools.partial(_global, axis_name=axis_name),
-                               native=native_optim is not None)
+                               native=native_optim is not None, lead=lead)
   params0 = rows.params if rows else state.params
   opt0 = rows.opt_state if rows else state.opt_state
 
@@ -130,7 +132,7 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
     g_t = optim.zero_padding_row(g_t)
     g_t_used, gnorm_t = optim.clip_by_global_norm(g_t, config.optim.grad_clip)
   params1, opt1 = optim.apply_update(tx, labels, params0, g_t_used, opt0, cfg=native_optim,
-                                     skip=('student_only',))
+                                     skip=('student_only',), lead=lead)
   if rows:
     rows.first_update(G_t * clip_t)
 
@@ -180,7 +182,8 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
         g2, config.optim.grad_clip, extra_sq=jnp.sum(G_2 * G_2), return_factor=True)
   else:
     g2_used, gnorm_2 = optim.clip_by_global_norm(g2, config.optim.grad_clip)
-  params2, opt2 = optim.apply_update(tx, labels, params1, g2_used, opt1, cfg=native_optim)
+  params2, opt2 = optim.apply_update(tx, labels, params1, g2_used, opt1, cfg=native_optim,
+                                     lead=lead)
 
   metrics = {k: _global(v, axis_name) for k, v in vals.items()}
   metrics['loss_task'] = _global(loss_t, axis_name)

@@ -64,27 +64,38 @@ def _matmul_gflops(devices, n=2048, repeats=5):
 
 def _text_encoder_passes(config, model, bert_config):
   """(state, batch) → (state, metrics): the BERT forward + backward of the teacher (full ids)
-  and of the student (about half the tokens [UNK]), with the step's dtype and dropout."""
+  and of the student (about half the tokens [UNK]), with the step's dtype, dropout and, under
+  optim.embedding_rows, its row-wise word embeddings (gradients per distinct id, not a table)."""
   import jax
   import jax.numpy as jnp
+  from cider_jax import embedding_rows
   from cider_jax.models.bert import BertEncoder, attention_kernel
   # the step's BERT, self-attention kernel included
   encoder = BertEncoder(bert_config, model.bert_layers, model.dtype,
                         attention_kernel(model.kernels, bert_config), model.kernels)
 
-  def loss(params, ids, mask, segments, key):
+  def loss(params, slots, ids, mask, segments, key, word_rows):
     h = encoder.apply({'params': params}, ids, mask, segments,
-                      deterministic=bool(config.model.deterministic), rngs={'dropout': key})
+                      deterministic=bool(config.model.deterministic), rngs={'dropout': key},
+                      word_rows=None if word_rows is None else word_rows(slots))
     return jnp.mean(h ** 2)
 
   def fn(state, batch):
-    params = state.params['text_encoder']
     ids, mask, seg = batch['text_ids'], batch['text_mask'], batch['text_segments']
     key = jax.random.fold_in(state.rng, state.step)
     drop = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, ids.shape) & (mask > 0)
-    l_t, g_t = jax.value_and_grad(loss)(params, ids, mask, seg, jax.random.fold_in(key, 2))
-    l_s, g_s = jax.value_and_grad(loss)(params, jnp.where(drop, 100, ids), mask, seg,
-                                        jax.random.fold_in(key, 3))
+    ids_m = jnp.where(drop, 100, ids)
+    rows, slots, rows_fn = None, None, [None, None]
+    params = state.params
+    if config.optim.get('embedding_rows', True):
+      rows = embedding_rows.Step(state, [ids, ids_m], config, 'batch', lambda x: x)
+      params, slots = rows.params, rows.p0
+      rows_fn = [lambda s, part=part: rows.rows(s, part) for part in (0, 1)]
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    l_t, g_t = grad(params['text_encoder'], slots, ids, mask, seg, jax.random.fold_in(key, 2),
+                    rows_fn[0])
+    l_s, g_s = grad(params['text_encoder'], slots, ids_m, mask, seg,
+                    jax.random.fold_in(key, 3), rows_fn[1])
     g = jax.tree.map(jnp.add, g_t, g_s)
     return state.replace(step=state.step + 1), {'loss': l_t + l_s, 'grad_sum': sum(
         jnp.sum(x) for x in jax.tree.leaves(g))}

@@ -144,3 +144,36 @@ def test_adam_kernel_rejects_bad_shapes():
     native_adam.update(p, p, p, None, jnp.ones((3, 2)), **kw)
   with pytest.raises(ValueError, match='float32'):
     native_adam.update(p.astype(jnp.bfloat16), p, p, None, coef, **kw)
+
+
+@pytest.mark.parametrize('V,H,ids', [(40, 24, [3, 0, 39, 7, 40, 40]), (3000, 32, [5, 2999, 1])])
+def test_gather_update_copies_rows_before_both_zero_gradient_updates(V, H, ids):
+  p, m, v, _ = (a.reshape(V, H) for a in _arrays(V * H, seed=3))
+  ids = np.array(ids, np.int32)   # V itself: an unused slot, clipped into the table
+  coef = _corrections([jnp.int32(5), jnp.int32(6)])
+  got = jax.jit(lambda *a: native_adam.gather_update(*a, b1=B1, b2=B2, eps=EPS, lr=5e-5,
+                                                     wd=1e-3))(p, m, v, ids, coef)
+  want = _numpy_adam(p, m, v, None, [5, 6], 5e-5, 1e-3)
+  rows = np.minimum(ids, V - 1)
+  for name, a, b in zip('pmv', got[:3], want):
+    np.testing.assert_array_equal(np.asarray(a), b, err_msg=name)
+  for name, a, b in zip('pmv', got[3:], (p, m, v)):
+    np.testing.assert_array_equal(np.asarray(a), b[rows], err_msg=name + ' rows')
+
+
+def test_leading_unit_axis_form_under_pmap_gives_the_same_values():
+  """lead=True (the train step's form under pmap) and lead=False agree, for both calls."""
+  p, m, v, g = (a.reshape(1, 50, 30) for a in _arrays(1500, seed=4))
+  ids = np.array([[4, 0, 49]], np.int32)
+  coef = np.asarray(_corrections([jnp.int32(2), jnp.int32(3)]))[None]
+  kw = dict(b1=B1, b2=B2, eps=EPS, lr=1e-3, wd=1e-3)
+
+  def fn(p, m, v, g, ids, coef, lead):
+    one = native_adam.update(p, m, v, g, coef[:1], lead=lead, **kw)
+    return one + native_adam.gather_update(*one, ids, coef, lead=lead, **kw)
+
+  outs = [jax.pmap(lambda *a, lead=lead: fn(*a, lead))(p, m, v, g, ids, coef)
+          for lead in (True, False)]
+  for a, b in zip(*outs):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert outs[0][6].shape == (1, 3, 30)   # the rows

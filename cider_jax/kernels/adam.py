@@ -1,6 +1,11 @@
 """Adam updates of one parameter array in place: one native CPU kernel call (kernels.cc
 section 8) for what optax's add_decayed_weights → scale_by_adam → scale(−lr) and p + u do
 in several passes over the parameter and its moments.
+
+XLA runs the call in place only when nothing else reads the operands unordered with it and
+when they are the parameter buffers themselves: under pmap its per-device parameters are
+(1, ...) arrays, so pass `lead=True` there (the call then takes the (1, ...) forms, which
+XLA gives it without copies); under jit pass `lead=False`. Either form gives the same values.
 """
 import jax
 import jax.numpy as jnp
@@ -14,15 +19,7 @@ def bias_corrections(b1: float, b2: float, count):
   return jnp.stack([1 - b1 ** count, 1 - b2 ** count]).astype(jnp.float32)
 
 
-def update(p, mu, nu, grad, coef, *, b1: float, b2: float, eps: float, lr: float,
-           wd: float = 0.0):
-  """Adam updates of p (float32) and its moments; (new p, new mu, new nu).
-
-  coef (steps, 2): the bias corrections of each update (`bias_corrections`), steps 1 or 2.
-  grad: the first update's gradient (p's shape), or None: zero gradients (later updates
-  always take zero gradients). wd: the L2 coefficient added to the gradient (0: none). The
-  outputs reuse the inputs' buffers where XLA can give them up.
-  """
+def _check(p, mu, nu, grad, coef):
   if p.dtype != jnp.float32 or mu.shape != p.shape or nu.shape != p.shape:
     raise ValueError(f'adam update: float32 p with moments of its shape, got {p.dtype} '
                      f'{p.shape}, {mu.shape}, {nu.shape}')
@@ -30,10 +27,42 @@ def update(p, mu, nu, grad, coef, *, b1: float, b2: float, eps: float, lr: float
     raise ValueError(f'adam update: gradient {grad.shape} for parameter {p.shape}')
   if coef.ndim != 2 or coef.shape[0] not in (1, 2) or coef.shape[1] != 2:
     raise ValueError(f'adam update: coef (steps, 2) with 1 or 2 steps, got {coef.shape}')
-  g = jnp.zeros((0,), jnp.float32) if grad is None else grad.astype(jnp.float32)
-  shape = f32(p.shape)
-  return jax.ffi.ffi_call('cider_adam', (shape, shape, shape),
-                          input_output_aliases={0: 0, 1: 1, 2: 2})(
-      p, mu.astype(jnp.float32), nu.astype(jnp.float32), g, coef.astype(jnp.float32),
-      b1=np.float32(b1), b2=np.float32(b2), c1=np.float32(1 - b1), c2=np.float32(1 - b2),
-      eps=np.float32(eps), neg_lr=np.float32(-lr), wd=np.float32(wd))
+
+
+def _call(target, p, mu, nu, grad, coef, extra, extra_shapes, lead, b1, b2, eps, lr, wd):
+  _check(p, mu, nu, grad, coef)
+  expand = (lambda x: x[None]) if lead else (lambda x: x)
+  g = jnp.zeros((0,), jnp.float32) if grad is None else expand(grad.astype(jnp.float32))
+  shape = f32(((1,) if lead else ()) + p.shape)
+  out = jax.ffi.ffi_call(target, (shape,) * 3 + tuple(extra_shapes),
+                         input_output_aliases={0: 0, 1: 1, 2: 2})(
+      expand(p), expand(mu.astype(jnp.float32)), expand(nu.astype(jnp.float32)), g,
+      coef.astype(jnp.float32), *extra, b1=np.float32(b1), b2=np.float32(b2),
+      c1=np.float32(1 - b1), c2=np.float32(1 - b2), eps=np.float32(eps),
+      neg_lr=np.float32(-lr), wd=np.float32(wd))
+  return tuple(x[0] for x in out[:3]) + tuple(out[3:]) if lead else tuple(out)
+
+
+def update(p, mu, nu, grad, coef, *, b1: float, b2: float, eps: float, lr: float,
+           wd: float = 0.0, lead: bool = False):
+  """Adam updates of p (float32) and its moments; (new p, new mu, new nu).
+
+  coef (steps, 2): the bias corrections of each update (`bias_corrections`), steps 1 or 2.
+  grad: the first update's gradient (p's shape), or None: zero gradients (later updates
+  always take zero gradients). wd: the L2 coefficient added to the gradient (0: none).
+  lead: see the module docstring.
+  """
+  return _call('cider_adam', p, mu, nu, grad, coef, (), (), lead, b1, b2, eps, lr, wd)
+
+
+def gather_update(p, mu, nu, ids, coef, *, b1: float, b2: float, eps: float, lr: float,
+                  wd: float = 0.0, lead: bool = False):
+  """`update` with zero gradients of a table p (V, H), after copying out the rows `ids`
+  (U,) int32 (clipped into the table) of p, mu and nu: (new p, new mu, new nu, p rows,
+  mu rows, nu rows) with rows (U, H) as they were before the update."""
+  if p.ndim != 2 or ids.ndim != 1 or p.shape[0] == 0:
+    raise ValueError(f'adam gather: a non-empty table (V, H) and ids (U,), got {p.shape} '
+                     f'and {ids.shape}')
+  rows = f32((ids.shape[0], p.shape[1]))
+  return _call('cider_adam_gather', p, mu, nu, None, coef, (ids.astype(jnp.int32),),
+               (rows,) * 3, lead, b1, b2, eps, lr, wd)

@@ -1666,6 +1666,7 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // with coef[s] = (c1_s, c2_s) = (1 − b1^t, 1 − b2^t) of update s. g is the first update's
 // gradient (same shape as p) or empty: zero gradients, as every later update takes. Each
 // element's operations are optax's float32 ones in their order (no fused multiply-adds).
+// A second form first copies out the rows of given ids of p, m and v (embedding_rows).
 struct AdamConsts {
   float c1, b1, c2, b2, eps, neg_lr, wd;
 };
@@ -1711,11 +1712,10 @@ void adam_range(float* p, float* m, float* v, const float* g, const float* coef,
                    k, decay);
 }
 
-ffi::Error Adam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
-                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> coef,
-                float b1, float b2, float c1, float c2, float eps, float neg_lr, float wd,
-                ffi::ResultBuffer<ffi::F32> p_out, ffi::ResultBuffer<ffi::F32> m_out,
-                ffi::ResultBuffer<ffi::F32> v_out) {
+ffi::Error adam_update(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& p, ffi::Buffer<ffi::F32>& m,
+                       ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::F32>& g,
+                       ffi::Buffer<ffi::F32>& coef, const AdamConsts& k, float* pp, float* mp,
+                       float* vp) {
   const int64_t n = p.element_count();
   if (m.element_count() != n || v.element_count() != n ||
       (g.element_count() != 0 && g.element_count() != n))
@@ -1724,8 +1724,6 @@ ffi::Error Adam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::
   if (cd.size() != 2 || cd[1] != 2 || cd[0] < 1 || cd[0] > 2)
     return ffi::Error::InvalidArgument("cider adam: coef must be (steps, 2), 1 or 2 steps");
   const int steps = static_cast<int>(cd[0]);
-  const AdamConsts k{c1, b1, c2, b2, eps, neg_lr, wd};
-  float *pp = p_out->typed_data(), *mp = m_out->typed_data(), *vp = v_out->typed_data();
   // aliased in place when XLA can; otherwise start from copies of the inputs
   if (pp != p.typed_data()) std::copy(p.typed_data(), p.typed_data() + n, pp);
   if (mp != m.typed_data()) std::copy(m.typed_data(), m.typed_data() + n, mp);
@@ -1745,6 +1743,45 @@ ffi::Error Adam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
+ffi::Error Adam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
+                ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> coef,
+                float b1, float b2, float c1, float c2, float eps, float neg_lr, float wd,
+                ffi::ResultBuffer<ffi::F32> p_out, ffi::ResultBuffer<ffi::F32> m_out,
+                ffi::ResultBuffer<ffi::F32> v_out) {
+  return adam_update(pool, p, m, v, g, coef, AdamConsts{c1, b1, c2, b2, eps, neg_lr, wd},
+                     p_out->typed_data(), m_out->typed_data(), v_out->typed_data());
+}
+
+// The rows `ids` (clipped to the table) of p, m and v (R rows of the last axis) as they are
+// before the update, then the update; every read of p, m and v is then this call's, so XLA
+// can run it in place without copies.
+ffi::Error AdamGather(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
+                      ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> g,
+                      ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::S32> ids, float b1, float b2,
+                      float c1, float c2, float eps, float neg_lr, float wd,
+                      ffi::ResultBuffer<ffi::F32> p_out, ffi::ResultBuffer<ffi::F32> m_out,
+                      ffi::ResultBuffer<ffi::F32> v_out, ffi::ResultBuffer<ffi::F32> p_rows,
+                      ffi::ResultBuffer<ffi::F32> m_rows, ffi::ResultBuffer<ffi::F32> v_rows) {
+  const auto pd = p.dimensions();
+  if (pd.size() < 1 || pd.back() <= 0 || p.element_count() == 0)
+    return ffi::Error::InvalidArgument("cider adam gather: p must be a non-empty table");
+  const int64_t H = pd.back(), rows = p.element_count() / H, U = ids.element_count();
+  if (p_rows->element_count() != U * H || m_rows->element_count() != U * H ||
+      v_rows->element_count() != U * H)
+    return ffi::Error::InvalidArgument("cider adam gather: rows outputs must be (ids, H)");
+  const int32_t* ip = ids.typed_data();
+  const float* src[3] = {p.typed_data(), m.typed_data(), v.typed_data()};
+  float* dst[3] = {p_rows->typed_data(), m_rows->typed_data(), v_rows->typed_data()};
+  if (m.element_count() != p.element_count() || v.element_count() != p.element_count())
+    return ffi::Error::InvalidArgument("cider adam: p, m, v (and g unless empty) must match");
+  for (int a = 0; a < 3; ++a)
+    for (int64_t u = 0; u < U; ++u) {
+      const int64_t r = std::min<int64_t>(std::max<int64_t>(ip[u], 0), rows - 1);
+      std::copy(src[a] + r * H, src[a] + (r + 1) * H, dst[a] + u * H);
+    }
+  return adam_update(pool, p, m, v, g, coef, AdamConsts{c1, b1, c2, b2, eps, neg_lr, wd},
+                     p_out->typed_data(), m_out->typed_data(), v_out->typed_data());
+}
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderBlockSoftmaxForward, Forward,
@@ -1921,6 +1958,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderAdam, Adam,
                                   .Attr<float>("eps")
                                   .Attr<float>("neg_lr")
                                   .Attr<float>("wd")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderAdamGather, AdamGather,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("b1")
+                                  .Attr<float>("b2")
+                                  .Attr<float>("c1")
+                                  .Attr<float>("c2")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("neg_lr")
+                                  .Attr<float>("wd")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

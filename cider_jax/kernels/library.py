@@ -32,7 +32,8 @@ _TARGETS = {'cider_block_softmax_forward': 'CiderBlockSoftmaxForward',
             'cider_layer_norm_forward': 'CiderLayerNormForward',
             'cider_layer_norm_backward': 'CiderLayerNormBackward',
             'cider_weight_grad': 'CiderWeightGrad',
-            'cider_adam': 'CiderAdam'}
+            'cider_adam': 'CiderAdam',
+            'cider_adam_gather': 'CiderAdamGather'}
 
 
 def _cpu_signature() -> str:
