@@ -78,14 +78,16 @@ def adam_state(chain):
   raise ValueError('no Adam state in the optimizer group\'s chain')
 
 
-def apply_update(tx, labels, params, grads, opt_state, *, cfg=None, skip=(), lead=False):
+def apply_update(tx, labels, params, grads, opt_state, *, cfg=None, skip=(), lead=False,
+                 after=()):
   """(params + tx's update, new opt_state) for make_optimizer's transform `tx`; the groups
   in `skip` keep their parameters and state (keep_group).
 
   cfg (config.optim) given: the same update with each parameter's Adam step one native
   kernel call in place (kernels/adam.py: optax's float32 operations in their order, in one
   pass over the parameter and its moments instead of XLA's several); lead: True under pmap
-  (kernels/adam.py).
+  (kernels/adam.py); after: other arrays computed from `params` (embedding_rows' gradient
+  sums, a monitoring pass) that the in-place updates must follow.
   """
   if cfg is None:
     updates, new_state = tx.update(grads, opt_state, params)
@@ -94,6 +96,9 @@ def apply_update(tx, labels, params, grads, opt_state, *, cfg=None, skip=(), lea
       new_params, new_state = keep_group(group, labels, params, new_params, opt_state,
                                          new_state)
     return new_params, new_state
+  # every read of a parameter (forward, and the backward product dy·Wᵀ that feeds only other
+  # gradients) comes before its update in place: the calls follow all gradients
+  token = native_adam.order_token(grads, after)
   flat_p, flat_g = traverse_util.flatten_dict(params), traverse_util.flatten_dict(grads)
   flat_labels = traverse_util.flatten_dict(labels)
   new_p, states = dict(flat_p), dict(opt_state.inner_states)
@@ -110,7 +115,7 @@ def apply_update(tx, labels, params, grads, opt_state, *, cfg=None, skip=(), lea
         continue
       new_p[path], mu[path], nu[path] = native_adam.update(
           flat_p[path], mu[path], nu[path], flat_g[path], coef, b1=cfg.b1, b2=cfg.b2,
-          eps=cfg.eps, lr=lr, wd=wd, lead=lead)
+          eps=cfg.eps, lr=lr, wd=wd, lead=lead, after=token)
     inner = list(masked.inner_state)
     inner[i] = adam._replace(count=count, mu=traverse_util.unflatten_dict(mu),
                              nu=traverse_util.unflatten_dict(nu))

@@ -132,7 +132,8 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
     g_t = optim.zero_padding_row(g_t)
     g_t_used, gnorm_t = optim.clip_by_global_norm(g_t, config.optim.grad_clip)
   params1, opt1 = optim.apply_update(tx, labels, params0, g_t_used, opt0, cfg=native_optim,
-                                     skip=('student_only',), lead=lead)
+                                     skip=('student_only',), lead=lead,
+                                     after=(G_t,) if rows else ())
   if rows:
     rows.first_update(G_t * clip_t)
 
@@ -182,8 +183,13 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
         g2, config.optim.grad_clip, extra_sq=jnp.sum(G_2 * G_2), return_factor=True)
   else:
     g2_used, gnorm_2 = optim.clip_by_global_norm(g2, config.optim.grad_clip)
-  params2, opt2 = optim.apply_update(tx, labels, params1, g2_used, opt1, cfg=native_optim,
-                                     lead=lead)
+  out_cf = None
+  if cfg_train.counterfactual_metrics:   # reads θ1: before the in-place update to θ2
+    x_cf = with_rows(dict(x_m, text_ids=cf_ids), 2, rows.p1 if rows else None)
+    out_cf = apply(params1, x_cf, k_cf)
+  params2, opt2 = optim.apply_update(
+      tx, labels, params1, g2_used, opt1, cfg=native_optim, lead=lead,
+      after=((G_2,) if rows else ()) + ((out_cf['logp'],) if out_cf is not None else ()))
 
   metrics = {k: _global(v, axis_name) for k, v in vals.items()}
   metrics['loss_task'] = _global(loss_t, axis_name)
@@ -193,9 +199,7 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
   n_valid = _global(jnp.sum(valid), axis_name)
   correct = (jnp.argmax(out_s['logp'], -1) == y) * valid
   metrics['acc_m'] = _global(jnp.sum(correct), axis_name) / n_valid
-  if cfg_train.counterfactual_metrics:
-    x_cf = with_rows(dict(x_m, text_ids=cf_ids), 2, rows.p1 if rows else None)
-    out_cf = apply(params1, x_cf, k_cf)
+  if out_cf is not None:
     tau = config.maci.get('train_tau', 1.0)
     debiased = out_s['logp'] - tau * jax.lax.stop_gradient(out_cf['logp'])
     correct_d = (jnp.argmax(debiased, -1) == y) * valid

@@ -9,6 +9,8 @@ multiply-adds, so single elements differ by about one rounding of their largest 
 update: |Δ| ≤ 1e-6 · the array's largest magnitude, far below any wrong coefficient (b1 vs
 1 − b1, a missing bias correction or weight decay change results by > 1e-3 relative).
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -18,6 +20,7 @@ import pytest
 
 from cider_jax import optim
 from cider_jax.kernels import adam as native_adam
+from tests.helpers import hlo
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 F = np.float32
@@ -177,3 +180,46 @@ def test_leading_unit_axis_form_under_pmap_gives_the_same_values():
   for a, b in zip(*outs):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert outs[0][6].shape == (1, 3, 30)   # the rows
+
+
+@pytest.mark.parametrize('lead', [False, True])
+def test_order_token_lets_the_update_run_in_place_without_copies(lead):
+  """A read of p whose result feeds no gradient (as dx = dy·Wᵀ feeds only other parameters'
+  gradients) is unordered with the update unless `after` carries it: XLA then copies p (and
+  the result out again). With order_token of that read, the compiled step has no copy
+  around the call; without it, it has (so the check can fail)."""
+  shape = (64, 96)
+  p, m, v, g = (a.reshape(shape) for a in _arrays(64 * 96, seed=5))
+  x = np.ones((96, 8), F)
+  coef = np.asarray(_corrections([jnp.int32(1)]))
+  kw = dict(b1=B1, b2=B2, eps=EPS, lr=1e-3, wd=0.0)
+
+  def step(params, grad, x, ordered):
+    p, m, v = params
+    y = p @ x                       # reads p; the gradient does not depend on it
+    token = native_adam.order_token(y) if ordered else None
+    new = native_adam.update(p, m, v, grad, coef, lead=lead, after=token, **kw)
+    return new, jnp.sum(y)
+
+  def compiled(ordered):
+    fn = functools.partial(step, ordered=ordered)
+    if lead:
+      f = jax.pmap(fn, donate_argnums=(0,))
+      args = ((p[None], m[None], v[None]), g[None], x[None])
+    else:
+      f = jax.jit(fn, donate_argnums=(0,))
+      args = ((p, m, v), g, x)
+    return f.lower(*args).compile(), args
+
+  def copies(c):
+    return hlo.copy_bytes_around_calls(c.as_text(), 'cider_adam')
+
+  c, args = compiled(True)
+  assert copies(c) == 0
+  assert copies(compiled(False)[0]) > 0
+  # and the values are the update's (reference 1)
+  (np_p, np_m, np_v), s = c(*args)
+  want = _numpy_adam(p, m, v, g, [1], 1e-3, 0.0)
+  for a, b in zip((np_p, np_m, np_v), want):
+    np.testing.assert_array_equal(np.asarray(a).reshape(shape), b)
+  np.testing.assert_allclose(float(np.asarray(s).sum()), float((p @ x).sum()), rtol=1e-5)

@@ -2,10 +2,15 @@
 section 8) for what optax's add_decayed_weights → scale_by_adam → scale(−lr) and p + u do
 in several passes over the parameter and its moments.
 
-XLA runs the call in place only when nothing else reads the operands unordered with it and
-when they are the parameter buffers themselves: under pmap its per-device parameters are
-(1, ...) arrays, so pass `lead=True` there (the call then takes the (1, ...) forms, which
-XLA gives it without copies); under jit pass `lead=False`. Either form gives the same values.
+XLA runs the call in place only when every other read of the operands is ordered before it
+and when they are the parameter buffers themselves; otherwise it copies them first.
+- Order: pass as `after` the values whose computation reads p (`order_token` of them).
+  Without it, a backward product dx = dy·Wᵀ, which feeds only other parameters' gradients,
+  has no dependency on W's own update.
+- Buffers: under pmap the per-device parameters are (1, ...) arrays, so pass `lead=True`
+  there (the call then takes the (1, ...) forms, which XLA gives it without copies); under
+  jit pass `lead=False`.
+Neither changes the values.
 """
 import jax
 import jax.numpy as jnp
@@ -29,34 +34,45 @@ def _check(p, mu, nu, grad, coef):
     raise ValueError(f'adam update: coef (steps, 2) with 1 or 2 steps, got {coef.shape}')
 
 
-def _call(target, p, mu, nu, grad, coef, extra, extra_shapes, lead, b1, b2, eps, lr, wd):
+def order_token(*trees):
+  """A small float32 vector that exists only once every array in `trees` does: one element
+  of each (the `after` of update / gather_update)."""
+  leaves = [x for x in jax.tree.leaves(trees) if x.size]
+  if not leaves:
+    return jnp.zeros((0,), jnp.float32)
+  return jnp.stack([x.reshape(-1)[0].astype(jnp.float32) for x in leaves])
+
+
+def _call(target, p, mu, nu, grad, coef, extra, extra_shapes, lead, b1, b2, eps, lr, wd,
+          after):
   _check(p, mu, nu, grad, coef)
+  after = jnp.zeros((0,), jnp.float32) if after is None else after.astype(jnp.float32)
   expand = (lambda x: x[None]) if lead else (lambda x: x)
   g = jnp.zeros((0,), jnp.float32) if grad is None else expand(grad.astype(jnp.float32))
   shape = f32(((1,) if lead else ()) + p.shape)
   out = jax.ffi.ffi_call(target, (shape,) * 3 + tuple(extra_shapes),
                          input_output_aliases={0: 0, 1: 1, 2: 2})(
       expand(p), expand(mu.astype(jnp.float32)), expand(nu.astype(jnp.float32)), g,
-      coef.astype(jnp.float32), *extra, b1=np.float32(b1), b2=np.float32(b2),
+      coef.astype(jnp.float32), after.reshape(-1), *extra, b1=np.float32(b1), b2=np.float32(b2),
       c1=np.float32(1 - b1), c2=np.float32(1 - b2), eps=np.float32(eps),
       neg_lr=np.float32(-lr), wd=np.float32(wd))
   return tuple(x[0] for x in out[:3]) + tuple(out[3:]) if lead else tuple(out)
 
 
 def update(p, mu, nu, grad, coef, *, b1: float, b2: float, eps: float, lr: float,
-           wd: float = 0.0, lead: bool = False):
+           wd: float = 0.0, lead: bool = False, after=None):
   """Adam updates of p (float32) and its moments; (new p, new mu, new nu).
 
   coef (steps, 2): the bias corrections of each update (`bias_corrections`), steps 1 or 2.
   grad: the first update's gradient (p's shape), or None: zero gradients (later updates
   always take zero gradients). wd: the L2 coefficient added to the gradient (0: none).
-  lead: see the module docstring.
+  lead, after (None or an `order_token`): see the module docstring.
   """
-  return _call('cider_adam', p, mu, nu, grad, coef, (), (), lead, b1, b2, eps, lr, wd)
+  return _call('cider_adam', p, mu, nu, grad, coef, (), (), lead, b1, b2, eps, lr, wd, after)
 
 
 def gather_update(p, mu, nu, ids, coef, *, b1: float, b2: float, eps: float, lr: float,
-                  wd: float = 0.0, lead: bool = False):
+                  wd: float = 0.0, lead: bool = False, after=None):
   """`update` with zero gradients of a table p (V, H), after copying out the rows `ids`
   (U,) int32 (clipped into the table) of p, mu and nu: (new p, new mu, new nu, p rows,
   mu rows, nu rows) with rows (U, H) as they were before the update."""
@@ -65,4 +81,4 @@ def gather_update(p, mu, nu, ids, coef, *, b1: float, b2: float, eps: float, lr:
                      f'and {ids.shape}')
   rows = f32((ids.shape[0], p.shape[1]))
   return _call('cider_adam_gather', p, mu, nu, None, coef, (ids.astype(jnp.int32),),
-               (rows,) * 3, lead, b1, b2, eps, lr, wd)
+               (rows,) * 3, lead, b1, b2, eps, lr, wd, after)

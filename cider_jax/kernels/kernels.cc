@@ -1666,7 +1666,9 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 // with coef[s] = (c1_s, c2_s) = (1 − b1^t, 1 − b2^t) of update s. g is the first update's
 // gradient (same shape as p) or empty: zero gradients, as every later update takes. Each
 // element's operations are optax's float32 ones in their order (no fused multiply-adds).
-// A second form first copies out the rows of given ids of p, m and v (embedding_rows).
+// A second form first copies out the rows of given ids of p, m and v (embedding_rows). The
+// `after` operand is never read: it makes XLA run the call after the values it was built
+// from, so that the update in place follows every read of p (kernels/adam.py).
 struct AdamConsts {
   float c1, b1, c2, b2, eps, neg_lr, wd;
 };
@@ -1745,7 +1747,7 @@ ffi::Error adam_update(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& p, ffi::Buf
 
 ffi::Error Adam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
                 ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> coef,
-                float b1, float b2, float c1, float c2, float eps, float neg_lr, float wd,
+                ffi::Buffer<ffi::F32> /*after: ordering only, not read*/, float b1, float b2, float c1, float c2, float eps, float neg_lr, float wd,
                 ffi::ResultBuffer<ffi::F32> p_out, ffi::ResultBuffer<ffi::F32> m_out,
                 ffi::ResultBuffer<ffi::F32> v_out) {
   return adam_update(pool, p, m, v, g, coef, AdamConsts{c1, b1, c2, b2, eps, neg_lr, wd},
@@ -1757,7 +1759,8 @@ ffi::Error Adam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::
 // can run it in place without copies.
 ffi::Error AdamGather(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
                       ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> g,
-                      ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::S32> ids, float b1, float b2,
+                      ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> /*after*/,
+                      ffi::Buffer<ffi::S32> ids, float b1, float b2,
                       float c1, float c2, float eps, float neg_lr, float wd,
                       ffi::ResultBuffer<ffi::F32> p_out, ffi::ResultBuffer<ffi::F32> m_out,
                       ffi::ResultBuffer<ffi::F32> v_out, ffi::ResultBuffer<ffi::F32> p_rows,
@@ -1951,6 +1954,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderAdam, Adam,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("b1")
                                   .Attr<float>("b2")
                                   .Attr<float>("c1")
@@ -1965,6 +1969,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderAdam, Adam,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderAdamGather, AdamGather,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
