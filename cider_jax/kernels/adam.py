@@ -4,9 +4,10 @@ in several passes over the parameter and its moments.
 
 XLA runs the call in place only when every other read of the operands is ordered before it
 and when they are the parameter buffers themselves; otherwise it copies them first.
-- Order: pass as `after` the values whose computation reads p (`order_token` of them).
-  Without it, a backward product dx = dy·Wᵀ, which feeds only other parameters' gradients,
-  has no dependency on W's own update.
+- Order: pass as `after` an `order_token` of the values whose computation reads p (the
+  kernel never reads the token's values, so NaN or inf there is harmless). Without it, W's
+  own update does not depend on the backward product dx = dy·Wᵀ, which feeds only other
+  parameters' gradients.
 - Buffers: under pmap the per-device parameters are (1, ...) arrays, so pass `lead=True`
   there (the call then takes the (1, ...) forms, which XLA gives it without copies); under
   jit pass `lead=False`.
