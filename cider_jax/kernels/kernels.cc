@@ -1717,7 +1717,7 @@ void adam_range(float* p, float* m, float* v, const float* g, const float* coef,
 ffi::Error adam_update(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& p, ffi::Buffer<ffi::F32>& m,
                        ffi::Buffer<ffi::F32>& v, ffi::Buffer<ffi::F32>& g,
                        ffi::Buffer<ffi::F32>& coef, const AdamConsts& k, float* pp, float* mp,
-                       float* vp) {
+                       float* vp, const std::function<void()>& before = {}) {
   const int64_t n = p.element_count();
   if (m.element_count() != n || v.element_count() != n ||
       (g.element_count() != 0 && g.element_count() != n))
@@ -1726,6 +1726,7 @@ ffi::Error adam_update(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& p, ffi::Buf
   if (cd.size() != 2 || cd[1] != 2 || cd[0] < 1 || cd[0] > 2)
     return ffi::Error::InvalidArgument("cider adam: coef must be (steps, 2), 1 or 2 steps");
   const int steps = static_cast<int>(cd[0]);
+  if (before) before();   // reads of p, m, v before the update (AdamGather's rows)
   // aliased in place when XLA can; otherwise start from copies of the inputs
   if (pp != p.typed_data()) std::copy(p.typed_data(), p.typed_data() + n, pp);
   if (mp != m.typed_data()) std::copy(m.typed_data(), m.typed_data() + n, mp);
@@ -1747,7 +1748,8 @@ ffi::Error adam_update(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& p, ffi::Buf
 
 ffi::Error Adam(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::F32> m,
                 ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> coef,
-                ffi::Buffer<ffi::F32> /*after: ordering only, not read*/, float b1, float b2, float c1, float c2, float eps, float neg_lr, float wd,
+                ffi::Buffer<ffi::F32> /*after: ordering only, not read*/, float b1, float b2,
+                float c1, float c2, float eps, float neg_lr, float wd,
                 ffi::ResultBuffer<ffi::F32> p_out, ffi::ResultBuffer<ffi::F32> m_out,
                 ffi::ResultBuffer<ffi::F32> v_out) {
   return adam_update(pool, p, m, v, g, coef, AdamConsts{c1, b1, c2, b2, eps, neg_lr, wd},
@@ -1775,15 +1777,16 @@ ffi::Error AdamGather(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p, ffi::Buffer
   const int32_t* ip = ids.typed_data();
   const float* src[3] = {p.typed_data(), m.typed_data(), v.typed_data()};
   float* dst[3] = {p_rows->typed_data(), m_rows->typed_data(), v_rows->typed_data()};
-  if (m.element_count() != p.element_count() || v.element_count() != p.element_count())
-    return ffi::Error::InvalidArgument("cider adam: p, m, v (and g unless empty) must match");
-  for (int a = 0; a < 3; ++a)
-    for (int64_t u = 0; u < U; ++u) {
-      const int64_t r = std::min<int64_t>(std::max<int64_t>(ip[u], 0), rows - 1);
-      std::copy(src[a] + r * H, src[a] + (r + 1) * H, dst[a] + u * H);
-    }
+  // copied out once adam_update has checked that m and v match p
+  const auto copy_rows = [&] {
+    for (int a = 0; a < 3; ++a)
+      for (int64_t u = 0; u < U; ++u) {
+        const int64_t r = std::min<int64_t>(std::max<int64_t>(ip[u], 0), rows - 1);
+        std::copy(src[a] + r * H, src[a] + (r + 1) * H, dst[a] + u * H);
+      }
+  };
   return adam_update(pool, p, m, v, g, coef, AdamConsts{c1, b1, c2, b2, eps, neg_lr, wd},
-                     p_out->typed_data(), m_out->typed_data(), v_out->typed_data());
+                     p_out->typed_data(), m_out->typed_data(), v_out->typed_data(), copy_rows);
 }
 }  // namespace
 

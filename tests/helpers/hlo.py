@@ -10,27 +10,11 @@ def _bytes(shape: str) -> int:
   return n * int(m.group(1)) // 8
 
 
-def copy_bytes(hlo: str) -> int:
-  """Bytes written by the entry computation's copies: copy instructions and fusions whose root
-  is a copy (XLA fuses a copy with the bitcasts around it)."""
-  fused = {m.group(1) for m in re.finditer(
-      r'\n%?([\w.\-]+) [^\n]*\{\n(?:[^\n]*\n)*?\s*ROOT [^\n]* copy\(', hlo)}
-  entry = hlo[hlo.index('\nENTRY'):]
-  total = 0
-  for line in entry.splitlines():
-    m = re.match(r'\s*(?:ROOT )?%?[\w.\-]+ = ([a-z]+\d+\[[\d,]*\])\S* (copy|fusion)\(', line)
-    if not m:
-      continue
-    call = re.search(r'calls=%([\w.\-]+)', line)
-    if m.group(2) == 'copy' or (call and call.group(1) in fused):
-      total += _bytes(m.group(1))
-  return total
-
-
 def copy_bytes_around_calls(hlo: str, target: str) -> int:
   """Bytes of the copies (or copy-rooted fusions) in the entry computation that feed a custom
   call to `target` or copy one of its results: what XLA adds when it cannot run the call in
-  place."""
+  place (copies are copy instructions and fusions rooted in a copy: XLA fuses a copy with
+  the bitcasts around it)."""
   fused = {m.group(1) for m in re.finditer(
       r'\n%?([\w.\-]+) [^\n]*\{\n(?:[^\n]*\n)*?\s*ROOT [^\n]* copy\(', hlo)}
   entry = hlo[hlo.index('\nENTRY'):]
