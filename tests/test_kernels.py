@@ -6,6 +6,7 @@ Tolerances: float32 sums of at most 150 terms of O(1) values, so ~1e-6 relative;
 room for the order of summation and the ~1-ulp exponential, and fails on any wrong term.
 """
 import os
+import shutil
 import subprocess
 import sys
 
@@ -313,15 +314,32 @@ def test_no_compiler_falls_back_with_a_note(tmp_path):
   assert not any(p.suffix == '.so' for p in (tmp_path / 'cache').glob('*'))
 
 
-def test_kernel_library_is_cached(tmp_path):
-  """The first use builds the library into the cache; a second process loads it as is."""
-  env = dict(os.environ, CIDER_JAX_KERNEL_CACHE=str(tmp_path), PYTHONPATH=ROOT)
+def _load_in_subprocess(cache):
+  env = dict(os.environ, CIDER_JAX_KERNEL_CACHE=str(cache), PYTHONPATH=ROOT)
   code = 'from cider_jax.kernels import library; assert library.available()[0]'
-  for _ in range(2):
-    subprocess.run([sys.executable, '-c', code], env=env, check=True, cwd=ROOT, timeout=300)
+  subprocess.run([sys.executable, '-c', code], env=env, check=True, cwd=ROOT, timeout=300)
+
+
+def test_cached_kernel_library_is_loaded_as_is(tmp_path):
+  """A process that finds the library in its cache loads that file and builds nothing."""
+  assert library.available()[0]
+  built = library.cached_path(library._compiler())
+  cached = tmp_path / os.path.basename(built)
+  shutil.copy2(built, cached)
+  before = cached.stat().st_mtime_ns
+  _load_in_subprocess(tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [cached.name]
+  assert cached.stat().st_mtime_ns == before
+
+
+@pytest.mark.slow
+def test_kernel_library_is_built_once_then_cached(tmp_path):
+  """The first use builds the library into an empty cache; a second process loads it as is."""
+  for i in range(2):
+    _load_in_subprocess(tmp_path)
     libs = list(tmp_path.glob('kernels-*.so'))
     assert len(libs) == 1
-    if _ == 0:
+    if i == 0:
       first = libs[0].stat().st_mtime_ns
   assert libs[0].stat().st_mtime_ns == first
 

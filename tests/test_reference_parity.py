@@ -22,8 +22,21 @@ def test_fixtures_present():
   assert len(MODEL_FIXTURES) >= 2, f'no model fixtures under {FIXTURES}'
 
 
-@pytest.mark.parametrize('kernels', ['native', 'xla'])
-@pytest.mark.parametrize('path', MODEL_FIXTURES, ids=os.path.basename)
+def _fixture_kernels():
+  """All four fixtures under the native kernels; under the plain-JAX forms (which compile
+  about twice as slowly here) the unaligned 3-class one, which has WSAM, in the default run
+  and the others with -m slow."""
+  names = [os.path.basename(p) for p in MODEL_FIXTURES]
+  default_xla = names.index('unaligned_binary.npz') if 'unaligned_binary.npz' in names else 0
+  out = []
+  for i, (path, name) in enumerate(zip(MODEL_FIXTURES, names)):
+    out.append(pytest.param(path, 'native', id=f'{name}-native'))
+    out.append(pytest.param(path, 'xla', id=f'{name}-xla',
+                            marks=() if i == default_xla else pytest.mark.slow))
+  return out
+
+
+@pytest.mark.parametrize('path,kernels', _fixture_kernels())
 def test_check_reference_within_tolerance(path, kernels):
   diffs, failed = check_reference.compare(path, kernels)
   assert not failed, {k: diffs[k] for k in failed}
@@ -38,6 +51,35 @@ def test_check_reference_within_tolerance(path, kernels):
   normal = [v for k, v in diffs.items()
             if k.startswith('param_after_step/') and not k.endswith('_small_grad')]
   assert max(normal) <= 1e-5
+
+
+def test_adam_step_bound_by_hand():
+  # t = 2, betas (0.9, 0.999): a = (0.09, 0.1) / 0.19, c = (0.000999, 0.001) / 0.001999,
+  # Σ a²/c = 0.448979 + 0.553739 = 1.002718, whose square root is 1.001358
+  assert check_reference.adam_step_bound(0.9, 0.999, 1) == pytest.approx(1.0, abs=1e-12)
+  assert check_reference.adam_step_bound(0.9, 0.999, 2) == pytest.approx(1.001358, abs=1e-6)
+  assert check_reference.noise_tolerance(1e-3, 0.9, 0.999, (1, 2)) == pytest.approx(
+      2e-3 * 2.001358, abs=1e-9)
+
+
+def test_adam_step_bound_holds_and_is_reached():
+  """|m̂_t| / sqrt(v̂_t) of torch's Adam recursion over random gradient pairs (any scale)
+  stays below the bound, and the Cauchy-Schwarz extremal pair g_i ∝ a_i / c_i reaches it."""
+  b1, b2 = 0.9, 0.999
+  bound = check_reference.adam_step_bound(b1, b2, 2)
+
+  def ratio(g):
+    m = v = 0.0
+    for x in g:
+      m, v = b1 * m + (1 - b1) * x, b2 * v + (1 - b2) * x * x
+    return abs(m / (1 - b1 ** len(g))) / np.sqrt(v / (1 - b2 ** len(g)))
+
+  rng = np.random.default_rng(0)
+  worst = max(ratio(rng.standard_normal(2) * 10.0 ** rng.uniform(-9, 0, 2)) for _ in range(2000))
+  assert 1.0 < worst <= bound + 1e-12
+  a = np.array([(1 - b1) * b1, 1 - b1]) / (1 - b1 ** 2)
+  c = np.array([(1 - b2) * b2, 1 - b2]) / (1 - b2 ** 2)
+  assert ratio(a / c) == pytest.approx(bound, rel=1e-9)
 
 
 @pytest.mark.slow

@@ -24,9 +24,19 @@ def _env(devices):
               JAX_PLATFORMS='cpu')
 
 
+def _start(devices, global_batch, *args):
+  return subprocess.Popen([sys.executable, SCRIPT, str(global_batch), *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=_env(devices), cwd=ROOT)
+
+
+def _finish(proc):
+  out, err = proc.communicate(timeout=900)
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def _run(devices, global_batch, *args):
-  return subprocess.run([sys.executable, SCRIPT, str(global_batch), *args], capture_output=True,
-                        text=True, env=_env(devices), cwd=ROOT, timeout=900)
+  return _finish(_start(devices, global_batch, *args))
 
 
 def _losses(proc):
@@ -42,28 +52,35 @@ def _assert_same_losses(a, b, tol=1e-5):
 
 
 @pytest.fixture(scope='module')
-def four_devices():
-  """5 steps on one process with 4 devices, global batch 8."""
-  return _losses(_run(4, 8))
+def runs():
+  """5 steps at global batch 8 on one process with 1 device, with 4, and with 4 and the dense
+  table update, run side by side (each compiles mostly on one core)."""
+  procs = {'one': _start(1, 8), 'four': _start(4, 8), 'four_dense': _start(4, 8, 'dense')}
+  return {k: _losses(_finish(p)) for k, p in procs.items()}
 
 
-def test_losses_do_not_depend_on_the_device_count(four_devices):
+@pytest.fixture(scope='module')
+def four_devices(runs):
+  return runs['four']
+
+
+def test_losses_do_not_depend_on_the_device_count(runs, four_devices):
   """Dropout off, same global batch: 4 devices reproduce 1 device for 5 steps (≤ 1e-5).
 
   RMFM masks come from per-example keys (step, global index) and loss normalisers are summed
   over devices, so only float32 summation order differs.
   """
-  a, b = _losses(_run(1, 8)), four_devices
+  a, b = runs['one'], four_devices
   assert (a['devices'], b['devices']) == (1, 4)
   _assert_same_losses(a, b)
   # the masks change from step to step, so the student losses do too
   assert len({round(x['loss_rec_audio'], 6) for x in a['losses']}) == 5
 
 
-def test_row_wise_embedding_update_on_four_devices_equals_the_dense_one(four_devices):
+def test_row_wise_embedding_update_on_four_devices_equals_the_dense_one(runs, four_devices):
   """The table's rows from all devices' ids (all-gathered), against the dense gradient table
   summed over the devices: the same losses and table after 5 steps (float32 order only)."""
-  dense = _losses(_run(4, 8, 'dense'))
+  dense = runs['four_dense']
   _assert_same_losses(four_devices, dense, tol=1e-6)
   np.testing.assert_allclose(four_devices['table'], dense['table'], rtol=0, atol=1e-7)
   # the table did move: 10 Adam updates of ≈ lr = 5e-5 each
@@ -177,7 +194,8 @@ def _steps(config, n=3):
   return jax.device_get(state), metrics
 
 
-@pytest.mark.parametrize('accumulate,clip', [(True, 0.0), (False, 1.0)])
+@pytest.mark.parametrize('accumulate,clip', [(True, 0.0),
+                                             pytest.param(False, 1.0, marks=pytest.mark.slow)])
 def test_row_wise_embedding_update_equals_the_dense_one(accumulate, clip):
   """optim.embedding_rows (the default) against the dense table updates: 2 steps with the
   counterfactual pass, with and without the accumulated teacher gradient, with clipping
@@ -213,7 +231,7 @@ def test_row_wise_embedding_update_equals_the_dense_one(accumulate, clip):
     assert max(m['grad_norm_student'] for m in m_d) > clip   # the clipping acted
 
 
-@pytest.mark.parametrize('axis_name', ['batch', None])
+@pytest.mark.parametrize('axis_name', ['batch', pytest.param(None, marks=pytest.mark.slow)])
 def test_native_adam_updates_run_in_place(axis_name):
   """Under the native kernels the compiled step (counterfactual pass on, pmapped or jitted)
   updates the parameters in their own buffers: the copies XLA adds around the Adam calls

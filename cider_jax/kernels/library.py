@@ -68,6 +68,17 @@ def _build(path: str, compiler: str) -> None:
       os.remove(tmp)
 
 
+def cached_path(compiler: str) -> str:
+  """Where the library built by `compiler` for this source, jaxlib and CPU is cached."""
+  import jaxlib
+  with open(SOURCE, 'rb') as f:
+    key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + compiler.encode()
+                         + _cpu_signature().encode()).hexdigest()[:20]
+  cache = os.environ.get('CIDER_JAX_KERNEL_CACHE') or os.path.join(
+      os.path.expanduser('~'), '.cache', 'cider_jax', 'kernels')
+  return os.path.join(cache, f'kernels-{key}.so')
+
+
 @functools.lru_cache(maxsize=None)
 def _load():
   """(True, '') once the targets are registered with XLA, else (False, reason)."""
@@ -76,13 +87,7 @@ def _load():
   compiler = _compiler()
   if compiler is None:
     return False, 'no C++ compiler found (install g++ or set CXX)'
-  import jaxlib
-  with open(SOURCE, 'rb') as f:
-    key = hashlib.sha256(f.read() + jaxlib.__version__.encode() + compiler.encode()
-                         + _cpu_signature().encode()).hexdigest()[:20]
-  cache = os.environ.get('CIDER_JAX_KERNEL_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'cider_jax', 'kernels')
-  path = os.path.join(cache, f'kernels-{key}.so')
+  path = cached_path(compiler)
   try:
     if not os.path.exists(path):
       _build(path, compiler)
