@@ -1,6 +1,31 @@
-"""Shared test fixtures: small MMSA-format data written the way MMSA pickles are."""
+"""Shared test fixtures: small MMSA-format data written the way MMSA pickles are; one
+persistent XLA compilation cache for the whole test session."""
+import os
+import shutil
+import tempfile
+
 import numpy as np
 import pytest
+
+_CACHE = []
+
+
+def pytest_configure(config):
+  """Programs compiled by one test and compiled again, identical, by another (the tiny model's
+  train step under the same configuration, say) come from a cache that lives as long as the
+  session (CIDER_JAX_TEST_XLA_CACHE=0: none)."""
+  if os.environ.get('CIDER_JAX_TEST_XLA_CACHE', '1') == '0':
+    return
+  import jax
+  path = tempfile.mkdtemp(prefix='cider_jax_test_xla_')
+  _CACHE.append(path)
+  jax.config.update('jax_compilation_cache_dir', path)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+def pytest_unconfigure(config):
+  for path in _CACHE:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def make_mmsa_split(n, seed=0, text_len=50, audio_len=375, vision_len=500, audio_dim=5,
