@@ -16,11 +16,10 @@ def pytest_configure(config):
   session (CIDER_JAX_TEST_XLA_CACHE=0: none)."""
   if os.environ.get('CIDER_JAX_TEST_XLA_CACHE', '1') == '0':
     return
-  import jax
+  from cider_jax import parallel
   path = tempfile.mkdtemp(prefix='cider_jax_test_xla_')
   _CACHE.append(path)
-  jax.config.update('jax_compilation_cache_dir', path)
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+  parallel.enable_compilation_cache(path)
 
 
 def pytest_unconfigure(config):

@@ -59,30 +59,25 @@ def runs():
   return {k: _losses(_finish(p)) for k, p in procs.items()}
 
 
-@pytest.fixture(scope='module')
-def four_devices(runs):
-  return runs['four']
-
-
-def test_losses_do_not_depend_on_the_device_count(runs, four_devices):
+def test_losses_do_not_depend_on_the_device_count(runs):
   """Dropout off, same global batch: 4 devices reproduce 1 device for 5 steps (≤ 1e-5).
 
   RMFM masks come from per-example keys (step, global index) and loss normalisers are summed
   over devices, so only float32 summation order differs.
   """
-  a, b = runs['one'], four_devices
+  a, b = runs['one'], runs['four']
   assert (a['devices'], b['devices']) == (1, 4)
   _assert_same_losses(a, b)
   # the masks change from step to step, so the student losses do too
   assert len({round(x['loss_rec_audio'], 6) for x in a['losses']}) == 5
 
 
-def test_row_wise_embedding_update_on_four_devices_equals_the_dense_one(runs, four_devices):
+def test_row_wise_embedding_update_on_four_devices_equals_the_dense_one(runs):
   """The table's rows from all devices' ids (all-gathered), against the dense gradient table
   summed over the devices: the same losses and table after 5 steps (float32 order only)."""
-  dense = runs['four_dense']
-  _assert_same_losses(four_devices, dense, tol=1e-6)
-  np.testing.assert_allclose(four_devices['table'], dense['table'], rtol=0, atol=1e-7)
+  four, dense = runs['four'], runs['four_dense']
+  _assert_same_losses(four, dense, tol=1e-6)
+  np.testing.assert_allclose(four['table'], dense['table'], rtol=0, atol=1e-7)
   # the table did move: 10 Adam updates of ≈ lr = 5e-5 each
   initial = train.init_state(tiny.config(), tiny.SPEC, tiny.TINY_BERT, tiny.consts())[3]
   table0 = jax.device_get(initial.params['text_encoder']['embeddings']['word_embeddings'][
@@ -90,7 +85,7 @@ def test_row_wise_embedding_update_on_four_devices_equals_the_dense_one(runs, fo
   assert np.abs(np.asarray(dense['table']) - table0).max() > 1e-4
 
 
-def test_two_processes_match_one_process(four_devices):
+def test_two_processes_match_one_process(runs):
   """jax.distributed on localhost: 2 processes × 2 CPU devices, each feeding its half of every
   global batch, give the losses of 1 process × 4 devices (≤ 1e-5, summation order only)."""
   with socket.socket() as s:  # a free port for the coordinator
@@ -101,12 +96,11 @@ def test_two_processes_match_one_process(four_devices):
                             env=_env(2), cwd=ROOT) for i in range(2)]
   results = []
   for p in procs:
-    out, err = p.communicate(timeout=900)
-    results.append(_losses(subprocess.CompletedProcess(p.args, p.returncode, out, err)))
+    results.append(_losses(_finish(p)))
   assert [(r['process'], r['processes'], r['devices'], r['local_devices']) for r in results] == [
       (0, 2, 4, 2), (1, 2, 4, 2)]
   for r in results:
-    _assert_same_losses(r, four_devices)
+    _assert_same_losses(r, runs['four'])
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():

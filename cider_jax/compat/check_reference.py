@@ -177,6 +177,7 @@ def compare(path, kernels='auto'):
   student_only = {k for k in after if k.startswith('recon_')}
   lrs = {k: (meta['adam']['bert_lr'] if k.startswith('text_model.') else meta['adam']['lr'])
          for k in after}
+  b1, b2 = meta['adam']['betas']
   for name, value in after.items():
     key = f'param_after_step/{name}'
     if key not in arrays or name in BUFFERS:  # buffers are constants, not parameters
@@ -190,7 +191,6 @@ def compare(path, kernels='auto'):
     tol[key] = PARAM_TOL
     if small.any():
       diffs[key + '_small_grad'] = float(np.max(np.where(small, diff, 0.0), initial=0.0))
-      b1, b2 = meta['adam']['betas']
       tol[key + '_small_grad'] = noise_tolerance(
           lrs[name], b1, b2, (1,) if name in student_only else (1, 2))
   failed = sorted(k for k in diffs if not diffs[k] <= tol[k])
