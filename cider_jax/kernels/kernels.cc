@@ -59,7 +59,18 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int W = 16;
+// Lanes per vector and vector registers: W lanes fill one register of the widest unit that
+// -march=native has, and the register blocks below are sized so that their accumulators fit
+// in kVecRegs registers (a vector twice a register's width would spill them).
+#if defined(__AVX512F__)
+constexpr int W = 16, kVecRegs = 32;
+#elif defined(__AVX__)
+constexpr int W = 8, kVecRegs = 16;
+#elif defined(__aarch64__)
+constexpr int W = 4, kVecRegs = 32;
+#else
+constexpr int W = 4, kVecRegs = 16;
+#endif
 typedef float vf __attribute__((vector_size(W * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(W * sizeof(int32_t))));
 
@@ -149,20 +160,23 @@ inline vf sum_pairs(vf a, vf b) {
   return __builtin_shuffle(a, b, lo) + __builtin_shuffle(a, b, hi);
 }
 
-// out[r] = the sum of the W lanes of acc[r] for r < rows (acc is (rows, W)); 16 rows at a
-// time through a transposing shuffle-and-add network (15 adds instead of 240).
+// One level of reduce_lanes' network: n vectors to n / 2 by sum_pairs<S>, then the next.
+template <int S>
+inline void reduce_level(vf* x, int n) {
+  for (int i = 0; i < n / 2; ++i) x[i] = sum_pairs<S>(x[2 * i], x[2 * i + 1]);
+  if constexpr (S > 1) reduce_level<S / 2>(x, n / 2);
+}
+
+// out[r] = the sum of the W lanes of acc[r] for r < rows (acc is (rows, W)); W rows at a
+// time through a transposing shuffle-and-add network (W − 1 adds instead of W·(W − 1)).
 void reduce_lanes(const float* acc, int rows, float* out) {
-  static_assert(W == 16, "the network below is for 16 lanes");
   int r = 0;
   for (; r + W <= rows; r += W) {
     const float* a = acc + static_cast<size_t>(r) * W;
-    vf x[16];
-    for (int i = 0; i < 16; ++i) x[i] = load(a + i * W);
-    vf y[8], z[4], w[2];
-    for (int i = 0; i < 8; ++i) y[i] = sum_pairs<8>(x[2 * i], x[2 * i + 1]);
-    for (int i = 0; i < 4; ++i) z[i] = sum_pairs<4>(y[2 * i], y[2 * i + 1]);
-    for (int i = 0; i < 2; ++i) w[i] = sum_pairs<2>(z[2 * i], z[2 * i + 1]);
-    store(out + r, sum_pairs<1>(w[0], w[1]));
+    vf x[W];
+    for (int i = 0; i < W; ++i) x[i] = load(a + i * W);
+    reduce_level<W / 2>(x, W);
+    store(out + r, x[0]);
   }
   for (; r < rows; ++r) {
     float sum = 0.0f;
@@ -606,11 +620,12 @@ inline vu lane_index(const int* idx, uint32_t first, uint32_t stride) {
   return r;
 }
 
-// Head-size chunk of the masked attention's accumulators: at most 16 vectors live at a time,
-// so no head size spills them (16 for D = 16, 32, 8 for 24, D below 8).
+// Head-size chunk of the masked attention's accumulators: at most kVecRegs / 2 vectors live
+// at a time, so no head size spills them (with 32 registers 16 for D = 16, 32, 64 and 8 for
+// 24; with 16 registers 8 for D = 8 and up; D below 8 whole).
 template <int D>
 constexpr int chunk_of() {
-  return D % 16 == 0 ? 16 : (D % 8 == 0 ? 8 : D);
+  return D % 16 == 0 && kVecRegs >= 32 ? 16 : (D % 8 == 0 ? 8 : D);
 }
 
 // s[j] (W lanes, j < nk) = bias[keys[j]] + Σ_d qt[d]·k[keys[j], d] for the W queries of qt
@@ -1067,9 +1082,10 @@ void wg_block(const float* x, int K, const float* dy, int M, int N, int m0, int 
   }
 }
 
-// Rows per register block for NV vectors: KB·NV accumulators, NV loads and a broadcast.
+// Rows per register block for NV vectors: KB·NV accumulators (three quarters of the
+// registers: 24, 12, 8, 6 rows with 32 of them, 12, 6, 4, 3 with 16), NV loads and a broadcast.
 template <int NV>
-constexpr int wg_kb() { return NV == 1 ? 24 : NV == 2 ? 12 : NV == 3 ? 8 : 6; }
+constexpr int wg_kb() { return kVecRegs * 3 / 4 / NV; }
 
 typedef void (*WgFn)(const float*, int, const float*, int, int, int, int, int, int, int, float*);
 
