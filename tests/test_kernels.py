@@ -659,6 +659,34 @@ def test_dense_module_equals_flax_dense_with_its_gradients(use_bias, features):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=5e-4), got, ref)
 
 
+def test_vector_lanes_follow_the_cpu():
+  """The library is built for this CPU's widest vector unit (16 lanes with AVX-512F, 8 with
+  AVX, else 4), read from the built library itself."""
+  from cider_jax.kernels import library
+  flags = set()
+  with open('/proc/cpuinfo') as f:
+    for line in f:
+      if line.startswith(('flags', 'Features')):
+        flags |= set(line.split(':', 1)[1].split())
+  expected = 16 if 'avx512f' in flags else 8 if 'avx' in flags else 4
+  assert library.vector_lanes() == expected
+
+
+@pytest.mark.parametrize('features', [24, 400])
+def test_dense_module_takes_the_kernel_up_to_its_limit(features):
+  """The native weight gradient is called up to max_native_weights() weights (384 × 1536
+  with 16 lanes, 128 × 32 with fewer) and XLA's product above."""
+  from cider_jax.kernels import dense
+  x = jnp.ones((2, 5, features), jnp.float32)
+  layer = dense.Dense(features)
+  p = layer.init(jax.random.key(0), x)
+  hlo = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x)))).lower(p).as_text()
+  limit = dense.max_native_weights()
+  assert limit == (dense.MAX_NATIVE_WEIGHTS if dense.library.vector_lanes() >= 16
+                   else dense.MAX_NATIVE_WEIGHTS_NARROW)
+  assert ('cider_weight_grad' in hlo) == (features * features <= limit)
+
+
 def test_weight_grad_rejects_mismatched_shapes():
   from cider_jax.kernels import dense
   with pytest.raises(ValueError, match='weight_grad'):

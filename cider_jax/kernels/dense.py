@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cider_jax.kernels import library
 from cider_jax.kernels.library import f32
 
 
@@ -24,8 +25,18 @@ def weight_grad(x, dy):
 
 
 # Up to this many weights (in × out: MiniLM's feed-forward layers) the kernel measured at
-# least as fast as XLA's product here; above it, untested, XLA's is used.
+# least as fast as XLA's product with 16-lane (AVX-512) vectors; above it, untested, XLA's is
+# used.
 MAX_NATIVE_WEIGHTS = 384 * 1536
+# With narrower vectors (AVX2: 8 lanes, 16 registers) XLA's product measured faster above
+# this many (2 AVX2 cores, rows × in × out: 1600 × 384 × 384 native 6.1 ms, XLA 3.7 ms;
+# 1600 × 48 × 192 0.65 against 0.42 ms; 4800 × 128 × 32 0.5 against 1.0 ms).
+MAX_NATIVE_WEIGHTS_NARROW = 128 * 32
+
+
+def max_native_weights() -> int:
+  """The most weights whose gradient the kernel computes, for the vectors it was built with."""
+  return MAX_NATIVE_WEIGHTS if library.vector_lanes() >= 16 else MAX_NATIVE_WEIGHTS_NARROW
 
 
 def dense(x, kernel, bias=None):
@@ -55,8 +66,8 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 
 class Dense(nn.Module):
   """`nn.Dense(features)` in float32 (the same parameters, names and initialisers); its
-  weight gradient comes from the native kernel up to MAX_NATIVE_WEIGHTS weights, from XLA's
-  product above."""
+  weight gradient comes from the native kernel up to max_native_weights() weights, from
+  XLA's product above."""
   features: int
   use_bias: bool = True
   kernel_init: Callable = nn.initializers.lecun_normal()
@@ -67,7 +78,7 @@ class Dense(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
     bias = self.param('bias', self.bias_init, (self.features,)) if self.use_bias else None
     x = x.astype(jnp.float32)
-    if kernel.size > MAX_NATIVE_WEIGHTS:
+    if kernel.size > max_native_weights():
       y = jnp.dot(x, kernel)
       return y if bias is None else y + bias
     return dense(x, kernel, bias)

@@ -78,7 +78,9 @@ inline vf splat(float x) {
 #if defined(__AVX512F__)
   return (vf)_mm512_set1_ps(x);  // one broadcast (vf{} + x would also add +0.0 first)
 #else
-  return vf{} + x;
+  // x − (+0) is x for every x (−0 and NaN included), so the compiler drops the subtraction
+  // and keeps one broadcast; vf{} + x would add +0.0 to x first (−0 + 0 is +0)
+  return x - vf{};
 #endif
 }
 
@@ -1082,10 +1084,10 @@ void wg_block(const float* x, int K, const float* dy, int M, int N, int m0, int 
   }
 }
 
-// Rows per register block for NV vectors: KB·NV accumulators (three quarters of the
-// registers: 24, 12, 8, 6 rows with 32 of them, 12, 6, 4, 3 with 16), NV loads and a broadcast.
+// Rows per register block for NV vectors: KB·NV accumulators, NV loads and a broadcast in
+// the registers (24, 12, 8, 6 rows with 32 of them; 12, 6, 4, 2 with 16).
 template <int NV>
-constexpr int wg_kb() { return kVecRegs * 3 / 4 / NV; }
+constexpr int wg_kb() { return std::min(kVecRegs * 3 / 4 / NV, (kVecRegs - 1 - NV) / NV); }
 
 typedef void (*WgFn)(const float*, int, const float*, int, int, int, int, int, int, int, float*);
 
@@ -1998,3 +2000,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(CiderAdamGather, AdamGather,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// The vector lanes W this build uses (16 with AVX-512, 8 with AVX, 4 otherwise).
+extern "C" int CiderVectorLanes() { return W; }

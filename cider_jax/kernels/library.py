@@ -96,12 +96,23 @@ def _load():
     return False, f'could not build the native kernels: {e}'
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
+  _LANES.append(int(lib.CiderVectorLanes()))
   return True, ''
+
+
+_LANES = []   # the loaded library's vector lanes
 
 
 def available() -> tuple:
   """(usable, reason): whether the kernels are built and registered for the CPU backend."""
   return _load()
+
+
+def vector_lanes() -> int:
+  """The float32 lanes of the built kernels' vectors: 16 with AVX-512, 8 with AVX/AVX2 (16
+  vector registers), 4 with SSE or NEON."""
+  require()
+  return _LANES[0]
 
 
 def require():
