@@ -176,6 +176,7 @@ def test_attention_kl_qk_native_equals_the_scores_form():
     _close(a, b, 'gradient')
 
 
+@pytest.mark.slow   # ~110 s; the fixture parity tests check both forms in the default run
 def test_model_and_train_step_native_equal_xla():
   """The tiny CIDer (head size 8): gradients of task + distillation loss, and two train steps.
 

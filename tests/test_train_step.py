@@ -188,8 +188,9 @@ def _steps(config, n=3):
   return jax.device_get(state), metrics
 
 
-@pytest.mark.parametrize('accumulate,clip', [(True, 0.0),
-                                             pytest.param(False, 1.0, marks=pytest.mark.slow)])
+# ~50 s each; the default run compares the two on four devices (runs fixture)
+@pytest.mark.slow
+@pytest.mark.parametrize('accumulate,clip', [(True, 0.0), (False, 1.0)])
 def test_row_wise_embedding_update_equals_the_dense_one(accumulate, clip):
   """optim.embedding_rows (the default) against the dense table updates: 2 steps with the
   counterfactual pass, with and without the accumulated teacher gradient, with clipping
