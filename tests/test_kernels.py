@@ -682,9 +682,8 @@ def test_dense_module_takes_the_kernel_up_to_its_limit(features):
   layer = dense.Dense(features)
   p = layer.init(jax.random.key(0), x)
   hlo = jax.jit(jax.grad(lambda p: jnp.sum(layer.apply(p, x)))).lower(p).as_text()
-  limit = dense.max_native_weights()
-  assert limit == (dense.MAX_NATIVE_WEIGHTS if dense.library.vector_lanes() >= 16
-                   else dense.MAX_NATIVE_WEIGHTS_NARROW)
+  limit = 384 * 1536 if dense.library.vector_lanes() >= 16 else 128 * 32
+  assert dense.max_native_weights() == limit
   assert ('cider_weight_grad' in hlo) == (features * features <= limit)
 
 

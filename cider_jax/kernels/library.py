@@ -81,44 +81,43 @@ def cached_path(compiler: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _load():
-  """(True, '') once the targets are registered with XLA, else (False, reason)."""
+  """(the library, '') once its targets are registered with XLA, else (None, reason)."""
   if platform.system() != 'Linux' and platform.system() != 'Darwin':
-    return False, f'native kernels are built on Linux and macOS only, not {platform.system()}'
+    return None, f'native kernels are built on Linux and macOS only, not {platform.system()}'
   compiler = _compiler()
   if compiler is None:
-    return False, 'no C++ compiler found (install g++ or set CXX)'
+    return None, 'no C++ compiler found (install g++ or set CXX)'
   path = cached_path(compiler)
   try:
     if not os.path.exists(path):
       _build(path, compiler)
     lib = ctypes.cdll.LoadLibrary(path)
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-    return False, f'could not build the native kernels: {e}'
+    return None, f'could not build the native kernels: {e}'
   for target, symbol in _TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
-  _LANES.append(int(lib.CiderVectorLanes()))
-  return True, ''
-
-
-_LANES = []   # the loaded library's vector lanes
+  return lib, ''
 
 
 def available() -> tuple:
   """(usable, reason): whether the kernels are built and registered for the CPU backend."""
-  return _load()
+  lib, reason = _load()
+  return lib is not None, reason
 
 
+@functools.lru_cache(maxsize=None)
 def vector_lanes() -> int:
   """The float32 lanes of the built kernels' vectors: 16 with AVX-512, 8 with AVX/AVX2 (16
   vector registers), 4 with SSE or NEON."""
-  require()
-  return _LANES[0]
+  return int(require().CiderVectorLanes())
 
 
 def require():
-  ok, reason = _load()
-  if not ok:
+  """The loaded library; a RuntimeError saying why when it cannot be built."""
+  lib, reason = _load()
+  if lib is None:
     raise RuntimeError(f'the native kernels are not available: {reason}')
+  return lib
 
 
 def f32(shape):
