@@ -49,8 +49,10 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -81,6 +83,24 @@ inline vf splat(float x) {
   // x − (+0) is x for every x (−0 and NaN included), so the compiler drops the subtraction
   // and keeps one broadcast; vf{} + x would add +0.0 to x first (−0 + 0 is +0)
   return x - vf{};
+#endif
+}
+
+// Lane-wise square roots, correctly rounded as std::sqrt's: one vector instruction where the
+// ISA has it (per lane, GCC calls sqrtf beside each scalar root to keep errno).
+inline vf vsqrt(vf x) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_sqrt_ps((__m512)x);
+#elif defined(__AVX__)
+  static_assert(sizeof(vf) == sizeof(__m256), "W = 8 lanes with AVX");
+  return (vf)_mm256_sqrt_ps((__m256)x);
+#elif defined(__aarch64__)
+  static_assert(sizeof(vf) == sizeof(float32x4_t), "W = 4 lanes on aarch64");
+  return (vf)vsqrtq_f32((float32x4_t)x);
+#else
+  vf r;
+  for (int l = 0; l < W; ++l) r[l] = std::sqrt(x[l]);
+  return r;
 #endif
 }
 
@@ -1702,15 +1722,10 @@ inline void adam_element(V& p, V& m, V& v, V g, float c1s, float c2s, const Adam
   v = k.c2 * (g * g) + k.b2 * v;
   const V mh = m / c1s, vh = v / c2s;
   V root;
-  if constexpr (std::is_same<V, float>::value) {
+  if constexpr (std::is_same<V, float>::value)
     root = std::sqrt(vh);
-  } else {
-#if defined(__AVX512F__)
-    root = (vf)_mm512_sqrt_ps((__m512)vh);
-#else
-    for (int l = 0; l < W; ++l) root[l] = std::sqrt(vh[l]);
-#endif
-  }
+  else
+    root = vsqrt(vh);
   p = p + k.neg_lr * (mh / (root + k.eps));
 }
 
