@@ -220,17 +220,25 @@ inline vf dot_lanes(const vf* qd, const float* key) {
 template <int D>
 void block_forward(const float* qt, int Tp, const float* kb, const float* vb, int ks, int Lb,
                    float* mx_out, float* zs_out, float* ns_out) {
+  // each group's scores, computed once for the max and the exponentials (Lb, W)
+  thread_local std::vector<float> scores;
+  scores.resize(static_cast<size_t>(Lb) * W);
+  float* sc = scores.data();
   for (int t0 = 0; t0 < Tp; t0 += W) {
     vf qd[D];
     for (int d = 0; d < D; ++d) qd[d] = load(qt + static_cast<size_t>(d) * Tp + t0);
     vf mx = splat(-__builtin_inff());
-    for (int key = 0; key < Lb; ++key) mx = vmax(mx, dot_lanes<D>(qd, kb + static_cast<size_t>(key) * ks));
+    for (int key = 0; key < Lb; ++key) {
+      const vf sk = dot_lanes<D>(qd, kb + static_cast<size_t>(key) * ks);
+      store(sc + key * W, sk);
+      mx = vmax(mx, sk);
+    }
     vf zs = splat(0.0f);
     vf ns[D];
     for (int d = 0; d < D; ++d) ns[d] = splat(0.0f);
     for (int key = 0; key < Lb; ++key) {
       const float* vk = vb + static_cast<size_t>(key) * ks;
-      const vf e = exp_nonpositive(dot_lanes<D>(qd, kb + static_cast<size_t>(key) * ks) - mx);
+      const vf e = exp_nonpositive(load(sc + key * W) - mx);
       zs = zs + e;
       for (int d = 0; d < D; ++d) ns[d] = ns[d] + e * vk[d];
     }
