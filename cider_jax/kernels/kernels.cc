@@ -342,9 +342,11 @@ template <int D>
 void kl_forward_item(const float* qa, const float* ka, const float* qb, const float* kb, int T,
                      int S, float* kl, float* lse_a, float* lse_b, std::vector<float>& buf) {
   const int Tp = (T + W - 1) / W * W;
-  buf.resize(static_cast<size_t>(2 * D) * Tp);
+  // qat, qbt (D, Tp); a group's scores of both, computed once (S, 2, W)
+  buf.resize(static_cast<size_t>(2 * D) * Tp + static_cast<size_t>(2) * S * W);
   float* qat = buf.data();
   float* qbt = qat + static_cast<size_t>(D) * Tp;
+  float* sc = qbt + static_cast<size_t>(D) * Tp;
   transpose_queries(qa, T, D, Tp, qat);
   transpose_queries(qb, T, D, Tp, qbt);
   for (int t0 = 0; t0 < Tp; t0 += W) {
@@ -355,12 +357,15 @@ void kl_forward_item(const float* qa, const float* ka, const float* qb, const fl
     }
     vf ma = splat(-__builtin_inff()), mb = ma;
     for (int key = 0; key < S; ++key) {
-      ma = vmax(ma, dot_lanes<D>(ad, ka + key * D));
-      mb = vmax(mb, dot_lanes<D>(bd, kb + key * D));
+      const vf a = dot_lanes<D>(ad, ka + key * D), b = dot_lanes<D>(bd, kb + key * D);
+      store(sc + 2 * key * W, a);
+      store(sc + (2 * key + 1) * W, b);
+      ma = vmax(ma, a);
+      mb = vmax(mb, b);
     }
     vf za = splat(0.0f), zb = za, cross = za;
     for (int key = 0; key < S; ++key) {
-      const vf a = dot_lanes<D>(ad, ka + key * D), b = dot_lanes<D>(bd, kb + key * D);
+      const vf a = load(sc + 2 * key * W), b = load(sc + (2 * key + 1) * W);
       const vf ea = exp_nonpositive(a - ma);
       za = za + ea;
       zb = zb + exp_nonpositive(b - mb);
