@@ -1,6 +1,4 @@
 """Bias vocabulary and counterfactual text (cider_jax/counterfactual.py)."""
-import os
-
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -9,9 +7,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cider_jax import counterfactual as cf
-from tests.helpers.shared import fixtures_dir
+from tests.helpers.fixtures import MACI_FIXTURE, fixture_path
 
-FIXTURE = os.path.join(fixtures_dir(), 'maci_bias.npz')
+FIXTURE = fixture_path(MACI_FIXTURE)
 
 CASES = [  # (fixture case, task, top_k, train label key)
     ('binary_top100', 'binary', 100, 'classification_labels'),

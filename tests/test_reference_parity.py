@@ -1,4 +1,4 @@
-"""The model against the original PyTorch code, through shared/fixtures (REFERENCE §6)."""
+"""The model against the original PyTorch code, through tests/fixtures (docs/model.md §6)."""
 import glob
 import json
 import os
@@ -10,16 +10,16 @@ import pytest
 
 from cider_jax.compat import check_reference
 from cider_jax.compat.reference import BUFFERS, flax_to_torch, infer_structure, torch_to_flax
-from tests.helpers.shared import fixtures_dir
+from tests.helpers.fixtures import FIXTURES_DIR, MACI_FIXTURE, MODEL_FIXTURE_NAMES, model_fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = fixtures_dir()
-MODEL_FIXTURES = sorted(f for f in glob.glob(os.path.join(FIXTURES, '*.npz'))
-                        if not f.endswith('maci_bias.npz'))
+MODEL_FIXTURES = model_fixtures()
 
 
 def test_fixtures_present():
-  assert len(MODEL_FIXTURES) >= 2, f'no model fixtures under {FIXTURES}'
+  """tests/fixtures holds the four model fixtures and maci_bias.npz, and no other .npz."""
+  found = sorted(os.path.basename(f) for f in glob.glob(os.path.join(FIXTURES_DIR, '*.npz')))
+  assert found == sorted(MODEL_FIXTURE_NAMES + (MACI_FIXTURE,)), found
 
 
 def _fixture_kernels():
