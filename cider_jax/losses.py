@@ -7,8 +7,6 @@ is the same for a global batch whatever the number of devices it is split over. 
 import jax
 import jax.numpy as jnp
 
-from cider_jax.kernels import attention as native_attention
-
 
 def nll(logp, labels, valid):
   """Negative log-likelihood. logp (B, C), labels (B,) int, valid (B,)."""
@@ -24,31 +22,27 @@ def representation(z_student, z_teacher, valid, eps=1e-8):
   return jnp.sum((1.0 - cos) * valid), jnp.sum(valid)
 
 
-def attention_kl(scores_teacher, scores_student, valid):
-  """KL(softmax(S_t) ‖ softmax(S_s)) over keys, summed, divided by B·heads.
+def attention_kl_rows(q_t, k_t, q_s, k_s):
+  """Per query row, KL(softmax(q_t·k_tᵀ) ‖ softmax(q_s·k_sᵀ)) over the keys.
 
-  scores_* (B, H, T, T) raw scores of the last MCT layer.
+  q_* (..., T, D) scaled queries, k_* (..., S, D) keys of the teacher (t) and student (s)
+  → (..., T).
   """
-  log_t = jax.nn.log_softmax(scores_teacher, axis=-1)
-  log_s = jax.nn.log_softmax(scores_student, axis=-1)
-  kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=(1, 2, 3))
-  return jnp.sum(kl * valid), jnp.sum(valid) * scores_teacher.shape[1]
+  log_t = jax.nn.log_softmax(jnp.einsum('...qd,...kd->...qk', q_t, k_t), axis=-1)
+  log_s = jax.nn.log_softmax(jnp.einsum('...qd,...kd->...qk', q_s, k_s), axis=-1)
+  return jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=-1)
 
 
-def attention_kl_qk(qk_teacher, qk_student, valid, kernel='xla'):
-  """attention_kl from the scores' factors: qk_* = (scaled queries, keys), each (B, H, T, D).
-
-  kernel 'native' computes it without forming the (B, H, T, T) scores (one CPU kernel call
-  forward and one backward, cider_jax.kernels.attention); 'xla' forms them and calls
-  attention_kl. The teacher side is a constant either way.
+def attention_kl(qk_teacher, qk_student, valid, rows_fn=attention_kl_rows):
+  """KL(softmax(S_t) ‖ softmax(S_s)) over keys, summed, divided by B·heads, for the scores
+  S = q·kᵀ of the last MCT layer given as their factors: qk_* = (scaled queries, keys), each
+  (B, H, T, D). The teacher side is a constant (its gradient is stopped). rows_fn: the
+  per-row KL (`attention_kl_rows` or a form with its signature, models/ops.py).
   """
   q_t, k_t = (jax.lax.stop_gradient(t) for t in qk_teacher)
   q_s, k_s = qk_student
-  if kernel == 'native':
-    kl = jnp.sum(native_attention.attention_kl(q_t, k_t, q_s, k_s), axis=(1, 2))
-    return jnp.sum(kl * valid), jnp.sum(valid) * q_t.shape[1]
-  scores = lambda q, k: jnp.einsum('bhqd,bhkd->bhqk', q, k)
-  return attention_kl(scores(q_t, k_t), scores(q_s, k_s), valid)
+  kl = jnp.sum(rows_fn(q_t, k_t, q_s, k_s), axis=(1, 2))
+  return jnp.sum(kl * valid), jnp.sum(valid) * q_t.shape[1]
 
 
 def smooth_l1(x):

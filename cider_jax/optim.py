@@ -1,4 +1,4 @@
-"""The original's torch Adam as an optax transform (REFERENCE §4).
+"""The original's torch Adam as an optax transform (docs/model.md §4).
 
 Groups (labels): `bert_decay` (text-encoder weights: lr 5e-5, L2 1e-3 added to the gradient),
 `bert_no_decay` (text-encoder biases and LayerNorms: lr 5e-5), `rest` (lr 1e-3),
@@ -12,8 +12,6 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import traverse_util
-
-from cider_jax.kernels import adam as native_adam
 
 STUDENT_ONLY = ('recon_text', 'recon_audio', 'recon_vision')
 
@@ -78,49 +76,36 @@ def adam_state(chain):
   raise ValueError('no Adam state in the optimizer group\'s chain')
 
 
+def with_adam_state(opt_state, group: str, fn):
+  """opt_state with group's Adam state replaced by fn(its ScaleByAdamState)."""
+  masked = opt_state.inner_states[group]
+  i, adam = adam_state(masked.inner_state)
+  inner = list(masked.inner_state)
+  inner[i] = fn(adam)
+  states = dict(opt_state.inner_states)
+  states[group] = masked._replace(inner_state=tuple(inner))
+  return opt_state._replace(inner_states=states)
+
+
+def group_adam_state(opt_state, group: str):
+  """The ScaleByAdamState of one group of make_optimizer's state."""
+  return adam_state(opt_state.inner_states[group].inner_state)[1]
+
+
 def apply_update(tx, labels, params, grads, opt_state, *, cfg=None, skip=(), lead=False,
                  after=()):
   """(params + tx's update, new opt_state) for make_optimizer's transform `tx`; the groups
   in `skip` keep their parameters and state (keep_group).
 
-  cfg (config.optim) given: the same update with each parameter's Adam step one native
-  kernel call in place (kernels/adam.py: optax's float32 operations in their order, in one
-  pass over the parameter and its moments instead of XLA's several); lead: True under pmap
-  (kernels/adam.py); after: other arrays computed from `params` (embedding_rows' gradient
-  sums, a monitoring pass) that the in-place updates must follow.
+  cfg, lead, after: used by the in-place form with the same signature (kernels/adam.py),
+  which models/ops.py can put in its place; ignored here.
   """
-  if cfg is None:
-    updates, new_state = tx.update(grads, opt_state, params)
-    new_params = jax.tree.map(lambda p, u: p + u, params, updates)
-    for group in skip:
-      new_params, new_state = keep_group(group, labels, params, new_params, opt_state,
-                                         new_state)
-    return new_params, new_state
-  # every read of a parameter (forward, and the backward product dy·Wᵀ that feeds only other
-  # gradients) comes before its update in place: the calls follow all gradients
-  token = native_adam.order_token(grads, after)
-  flat_p, flat_g = traverse_util.flatten_dict(params), traverse_util.flatten_dict(grads)
-  flat_labels = traverse_util.flatten_dict(labels)
-  new_p, states = dict(flat_p), dict(opt_state.inner_states)
-  for group, (lr, wd) in adam_groups(cfg).items():
-    if group in skip or group not in states:
-      continue
-    masked = states[group]
-    i, adam = adam_state(masked.inner_state)
-    count = optax.safe_increment(adam.count)
-    coef = native_adam.bias_corrections(cfg.b1, cfg.b2, count)[None]
-    mu, nu = traverse_util.flatten_dict(adam.mu), traverse_util.flatten_dict(adam.nu)
-    for path, label in flat_labels.items():
-      if label != group or flat_p[path].size == 0:   # (0, H): embedding_rows' placeholder
-        continue
-      new_p[path], mu[path], nu[path] = native_adam.update(
-          flat_p[path], mu[path], nu[path], flat_g[path], coef, b1=cfg.b1, b2=cfg.b2,
-          eps=cfg.eps, lr=lr, wd=wd, lead=lead, after=token)
-    inner = list(masked.inner_state)
-    inner[i] = adam._replace(count=count, mu=traverse_util.unflatten_dict(mu),
-                             nu=traverse_util.unflatten_dict(nu))
-    states[group] = masked._replace(inner_state=tuple(inner))
-  return traverse_util.unflatten_dict(new_p), opt_state._replace(inner_states=states)
+  del cfg, lead, after
+  updates, new_state = tx.update(grads, opt_state, params)
+  new_params = jax.tree.map(lambda p, u: p + u, params, updates)
+  for group in skip:
+    new_params, new_state = keep_group(group, labels, params, new_params, opt_state, new_state)
+  return new_params, new_state
 
 
 def zero_padding_row(grads):

@@ -10,9 +10,7 @@ from typing import Tuple
 import jax
 import jax.numpy as jnp
 
-from cider_jax import configuration
-from cider_jax.kernels import attention as native_attention
-from cider_jax.kernels import library
+from cider_jax import backend, configuration
 from cider_jax.models import bert
 from cider_jax.models.cider import CIDer
 
@@ -98,35 +96,7 @@ def build_model(config, spec: ModelSpec, bert_config: bert.BertConfig) -> CIDer:
       res_dropout=drop(m.res_dropout), embed_dropout=drop(m.embed_dropout),
       out_dropout=drop(m.out_dropout), positions=m.positions,
       cross_dataset=bool(m.cross_dataset), dtype=dtype,
-      kernels=resolve_kernels(m.kernels, m.embed_dim // m.num_heads))
-
-
-def resolve_kernels(choice: str, head_size: int) -> str:
-  """model.kernels resolved to 'native' or 'xla' for the default backend.
-
-  'native' needs the CPU backend, a head size the kernel supports and a build that works;
-  it is an error otherwise. 'auto' takes it when all three hold, else 'xla' (with a note on
-  stderr when only the build failed).
-  """
-  if choice == 'xla':
-    return 'xla'
-  if choice not in ('auto', 'native'):
-    raise ValueError(f"model.kernels must be 'auto', 'native' or 'xla', got {choice!r}")
-  problems = []
-  if jax.default_backend() != 'cpu':
-    problems.append(f'the default backend is {jax.default_backend()!r}, not cpu')
-  if not native_attention.supports(head_size):
-    problems.append(f'head size {head_size} is not one of {native_attention.HEAD_SIZES}')
-  if not problems:
-    ok, reason = library.available()
-    if ok:
-      return 'native'
-    problems.append(reason)
-    if choice == 'auto':
-      print(f'note: model.kernels=auto uses xla: {reason}', file=sys.stderr)
-  if choice == 'native':
-    raise ValueError('model.kernels=native is not usable: ' + '; '.join(problems))
-  return 'xla'
+      ops=backend.select(m.kernels, m.embed_dim // m.num_heads))
 
 
 def parameter_counts(config) -> dict:

@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cider_jax import losses, optim
+from cider_jax import backend, losses, optim
 from cider_jax.compat.reference import BUFFERS, flax_to_torch, infer_structure, torch_to_flax
 from cider_jax.models.bert import BertConfig
 from cider_jax.models.cider import CIDer
-from cider_jax.spec import resolve_kernels
 from cider_jax.train_step import TrainState, train_step
 
 OUTPUT_TOL = 1e-4
@@ -79,7 +78,7 @@ def build(arrays, meta, kernels='auto'):
   model = CIDer(BertConfig.from_dict(meta['bert']), num_classes, bool(hp['aligned']), dims, seq,
                 embed_dim=E, num_heads=int(hp['num_heads']), layers=layers,
                 positions='reference', cross_dataset=cross,
-                kernels=resolve_kernels(kernels, E // int(hp['num_heads'])))
+                ops=backend.select(kernels, E // int(hp['num_heads'])))
   return model, torch_to_flax(state), cross
 
 
@@ -145,7 +144,7 @@ def compare(path, kernels='auto'):
       'loss/loss_task': ratio(losses.nll(full['logp'], labels, valid)),
       'loss/loss_task_m': ratio(losses.nll(miss['logp'], labels, valid)),
       'loss/loss_joint_rep': ratio(losses.representation(miss['joint_rep'], full['joint_rep'], valid)),
-      'loss/loss_attn': ratio(losses.attention_kl(full['scores'], miss['scores'], valid)),
+      'loss/loss_attn': ratio(losses.attention_kl(full['attn_qk'], miss['attn_qk'], valid)),
       'loss/loss_recon_text': ratio(losses.reconstruction(
           miss['text_recon'], full['text_hidden'], dropped[0]), 1e-6),
       'loss/loss_recon_audio': ratio(losses.reconstruction(

@@ -16,7 +16,10 @@ Neither changes the values.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import traverse_util
 
+from cider_jax import optim
 from cider_jax.kernels.library import f32
 
 
@@ -83,3 +86,49 @@ def gather_update(p, mu, nu, ids, coef, *, b1: float, b2: float, eps: float, lr:
   rows = f32((ids.shape[0], p.shape[1]))
   return _call('cider_adam_gather', p, mu, nu, None, coef, (ids.astype(jnp.int32),),
                (rows,) * 3, lead, b1, b2, eps, lr, wd, after)
+
+
+def apply_update(tx, labels, params, grads, opt_state, *, cfg, skip=(), lead=False, after=()):
+  """optim.apply_update with each parameter's Adam step one `update` call in place.
+
+  cfg: config.optim (the groups' learning rates, L2 and betas); lead: True under pmap;
+  after: other arrays computed from `params` (row gradients, a monitoring pass) that the
+  in-place updates must follow. tx is not run: its group structure and state are.
+  """
+  del tx
+  # every read of a parameter (forward, and the backward product dy·Wᵀ that feeds only other
+  # gradients) comes before its update in place: the calls follow all gradients
+  token = order_token(grads, after)
+  flat_p, flat_g = traverse_util.flatten_dict(params), traverse_util.flatten_dict(grads)
+  flat_labels = traverse_util.flatten_dict(labels)
+  new_p = dict(flat_p)
+  for group, (lr, wd) in optim.adam_groups(cfg).items():
+    if group in skip or group not in opt_state.inner_states:
+      continue
+
+    def step(adam, group=group, lr=lr, wd=wd):
+      count = optax.safe_increment(adam.count)
+      coef = bias_corrections(cfg.b1, cfg.b2, count)[None]
+      mu, nu = traverse_util.flatten_dict(adam.mu), traverse_util.flatten_dict(adam.nu)
+      for path, label in flat_labels.items():
+        if label != group or flat_p[path].size == 0:   # (0, H): a row-wise table's stand-in
+          continue
+        new_p[path], mu[path], nu[path] = update(
+            flat_p[path], mu[path], nu[path], flat_g[path], coef, b1=cfg.b1, b2=cfg.b2,
+            eps=cfg.eps, lr=lr, wd=wd, lead=lead, after=token)
+      return adam._replace(count=count, mu=traverse_util.unflatten_dict(mu),
+                           nu=traverse_util.unflatten_dict(nu))
+
+    opt_state = optim.with_adam_state(opt_state, group, step)
+  return traverse_util.unflatten_dict(new_p), opt_state
+
+
+def table_zero_updates(table, mu, nu, ids, count, steps: int, *, cfg, group: str, lead=False):
+  """embedding_rows.table_zero_updates in one `gather_update` call in place."""
+  lr, wd = optim.adam_groups(cfg)[group]
+  coefs, c = [], count
+  for _ in range(steps):
+    c = optax.safe_increment(c)
+    coefs.append(bias_corrections(cfg.b1, cfg.b2, c)[None])
+  return gather_update(table, mu, nu, ids, jnp.concatenate(coefs), b1=cfg.b1, b2=cfg.b2,
+                       eps=cfg.eps, lr=lr, wd=wd, lead=lead)

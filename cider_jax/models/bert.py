@@ -20,9 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cider_jax.kernels import attention as native_attention
-from cider_jax.models import dropout, matmul
-from cider_jax.models.dropout import Dropout
+from cider_jax.models import ops as ops_lib
 
 PACKAGE_PREFIX = 'package:'
 
@@ -51,11 +49,6 @@ class BertConfig:
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def attention_kernel(kernels: str, config: BertConfig) -> str:
-  """The self-attention kernel under the model's resolved kernels ('native' or 'xla')."""
-  return native_attention.kernel_for(kernels, config.hidden_size // config.num_attention_heads)
-
-
 def gelu(x):
   """Exact GELU in the erf form x·(1 + erf(x/√2))/2, as torch computes it.
 
@@ -68,6 +61,7 @@ def gelu(x):
 class BertEmbeddings(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
+  ops: ops_lib.Ops = ops_lib.PLAIN
 
   @nn.compact
   def __call__(self, ids, segments, deterministic: bool, word_rows=None):
@@ -84,59 +78,48 @@ class BertEmbeddings(nn.Module):
     positions = jnp.arange(ids.shape[1])[None, :]
     x = (word(ids) if word_rows is None else word_rows) + seg(segments) + pos(positions)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, name='LayerNorm')(x)
-    x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+    x = self.ops.dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
     return x.astype(self.dtype)
+
+
+def _dense(module, features: int, name: str):
+  """The text encoder's linear layers: `ops.dense` in the encoder's dtype, BERT's init."""
+  return module.ops.dense(features, dtype=module.dtype, name=name,
+                          kernel_init=nn.initializers.normal(0.02))
 
 
 class BertSelfAttention(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
-  kernel: str = 'xla'   # 'native': one CPU kernel call (kernels.attention.masked_attention)
-  dense_kernel: str = 'xla'   # 'native': weight gradients by kernels.dense (float32 only)
+  ops: ops_lib.Ops = ops_lib.PLAIN
 
   @nn.compact
   def __call__(self, x, mask_bias, deterministic: bool):
-    """x (B, L, H), mask_bias (B, 1, 1, L) additive → (B, L, H)."""
+    """x (B, L, H), mask_bias (B, L) additive (0 for tokens, very negative for padding)
+    → (B, L, H)."""
     c = self.config
     nh = c.num_attention_heads
     hd = c.hidden_size // nh
-    dense = lambda name: matmul.Dense(c.hidden_size, self.dtype, self.dense_kernel, name=name,
-                                      kernel_init=nn.initializers.normal(0.02))
-    split = lambda t: t.reshape(t.shape[:2] + (nh, hd))
-    q, k, v = (split(dense(n)(x)) for n in ('query', 'key', 'value'))
-    if self.kernel == 'native':
-      # the same weights, dropout bits included, without the (B, nh, L, L) arrays in memory
-      rate = c.attention_probs_dropout_prob
-      seed, thr = jnp.zeros((2,), jnp.uint32), 0
-      if rate > 0 and not deterministic:
-        seed, thr = Dropout(rate).seed(), dropout.threshold(rate)
-      ctx = native_attention.masked_attention(
-          *(t.astype(jnp.float32) for t in (q, k, v)), mask_bias[:, 0, 0, :], seed,
-          float(1 / np.sqrt(hd)), thr, float(np.float32(1.0 - rate)))
-      return ctx.astype(self.dtype).reshape(x.shape[:2] + (c.hidden_size,))
-    if self.kernel != 'xla':
-      raise ValueError(f"BERT attention kernel must be 'xla' or 'native', got {self.kernel!r}")
-    # the attention products are ~2 % of the layer's FLOPs: float32 in both modes
-    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / np.sqrt(hd).astype(np.float32)
-    scores = scores.astype(jnp.float32) + mask_bias
-    probs = jax.nn.softmax(scores, axis=-1)
-    probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-    ctx = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
-    return ctx.reshape(x.shape[:2] + (c.hidden_size,))
+    split = lambda t: t.reshape(t.shape[:2] + (nh, hd)).astype(jnp.float32)
+    q, k, v = (split(_dense(self, c.hidden_size, n)(x)) for n in ('query', 'key', 'value'))
+    rate = c.attention_probs_dropout_prob
+    drop = None if deterministic or rate == 0 else self.ops.dropout(rate)
+    # the attention products are ~2 % of the layer's FLOPs: float32 in every dtype
+    ctx = self.ops.attention(q, k, v, mask_bias, scale=1 / np.sqrt(hd), dropout=drop)
+    return ctx.astype(self.dtype).reshape(x.shape[:2] + (c.hidden_size,))
 
 
 class BertDenseOutput(nn.Module):
   """dense → dropout → LayerNorm(x + residual)."""
   config: BertConfig
   dtype: Any = jnp.float32
-  dense_kernel: str = 'xla'
+  ops: ops_lib.Ops = ops_lib.PLAIN
 
   @nn.compact
   def __call__(self, x, residual, deterministic: bool):
     c = self.config
-    x = matmul.Dense(c.hidden_size, self.dtype, self.dense_kernel, name='dense',
-                     kernel_init=nn.initializers.normal(0.02))(x)
-    x = Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+    x = _dense(self, c.hidden_size, 'dense')(x)
+    x = self.ops.dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
     x = nn.LayerNorm(epsilon=c.layer_norm_eps, name='LayerNorm')(
         x.astype(jnp.float32) + residual.astype(jnp.float32))
     return x.astype(self.dtype)
@@ -145,32 +128,27 @@ class BertDenseOutput(nn.Module):
 class BertAttention(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
-  kernel: str = 'xla'
-  dense_kernel: str = 'xla'
+  ops: ops_lib.Ops = ops_lib.PLAIN
 
   @nn.compact
   def __call__(self, x, mask_bias, deterministic: bool):
-    h = BertSelfAttention(self.config, self.dtype, self.kernel, self.dense_kernel, name='self')(
+    h = BertSelfAttention(self.config, self.dtype, self.ops, name='self')(
         x, mask_bias, deterministic)
-    return BertDenseOutput(self.config, self.dtype, self.dense_kernel, name='output')(
+    return BertDenseOutput(self.config, self.dtype, self.ops, name='output')(
         h, x, deterministic)
 
 
 class BertLayer(nn.Module):
   config: BertConfig
   dtype: Any = jnp.float32
-  kernel: str = 'xla'
-  dense_kernel: str = 'xla'
+  ops: ops_lib.Ops = ops_lib.PLAIN
 
   @nn.compact
   def __call__(self, x, mask_bias, deterministic: bool):
     c = self.config
-    x = BertAttention(c, self.dtype, self.kernel, self.dense_kernel, name='attention')(
-        x, mask_bias, deterministic)
-    h = matmul.Dense(c.intermediate_size, self.dtype, self.dense_kernel, name='intermediate',
-                     kernel_init=nn.initializers.normal(0.02))(x)
-    h = gelu(h)
-    return BertDenseOutput(c, self.dtype, self.dense_kernel, name='output')(h, x, deterministic)
+    x = BertAttention(c, self.dtype, self.ops, name='attention')(x, mask_bias, deterministic)
+    h = gelu(_dense(self, c.intermediate_size, 'intermediate')(x))
+    return BertDenseOutput(c, self.dtype, self.ops, name='output')(h, x, deterministic)
 
 
 class BertEncoder(nn.Module):
@@ -178,8 +156,7 @@ class BertEncoder(nn.Module):
   config: BertConfig
   num_layers: int = 0          # use only the first k layers (0: all)
   dtype: Any = jnp.float32
-  kernel: str = 'xla'          # self-attention: 'xla' or 'native' (see attention_kernel)
-  dense_kernel: str = 'xla'    # 'native': the float32 Dense weight gradients by kernels.dense
+  ops: ops_lib.Ops = ops_lib.PLAIN
 
   @nn.compact
   def __call__(self, ids, mask, segments, deterministic: bool = True, word_rows=None):
@@ -188,13 +165,14 @@ class BertEncoder(nn.Module):
     c = self.config
     ids = jnp.asarray(ids, jnp.int32)
     segments = jnp.asarray(segments, jnp.int32)
-    x = BertEmbeddings(c, self.dtype, name='embeddings')(ids, segments, deterministic, word_rows)
-    mask_bias = (1.0 - jnp.asarray(mask, jnp.float32))[:, None, None, :] * jnp.finfo(jnp.float32).min
+    x = BertEmbeddings(c, self.dtype, self.ops, name='embeddings')(
+        ids, segments, deterministic, word_rows)
+    mask_bias = (1.0 - jnp.asarray(mask, jnp.float32)) * jnp.finfo(jnp.float32).min
     n = self.num_layers or c.num_hidden_layers
     if n > c.num_hidden_layers:
       raise ValueError(f'num_layers={n} exceeds the {c.num_hidden_layers} layers of the BERT config')
     for i in range(n):
-      x = BertLayer(c, self.dtype, self.kernel, self.dense_kernel, name=f'encoder_layer_{i}')(
+      x = BertLayer(c, self.dtype, self.ops, name=f'encoder_layer_{i}')(
           x, mask_bias, deterministic)
     return x.astype(jnp.float32)
 

@@ -21,8 +21,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cider_jax.kernels import dense as native_dense
-
 
 def _transposed_specs(spec: str):
   """'A,B->C' → ('C,B->A', 'A,C->B'): the products giving the cotangents of A and B."""
@@ -75,12 +73,9 @@ def _dense_dot_general(dtype, lhs, rhs, dimension_numbers, precision=None,
   return _mixed_einsum(f'{lead}y,yz->{lead}z', lhs, rhs, dtype)
 
 
-def Dense(features: int, dtype: Any = jnp.float32, kernel: str = 'xla', **kwargs) -> nn.Module:
-  """`nn.Dense`; for a non-float32 dtype its products run in dtype and return float32. In
-  float32, kernel 'native' takes its weight gradient from kernels.dense (same parameters)."""
+def Dense(features: int, dtype: Any = jnp.float32, **kwargs) -> nn.Module:
+  """`nn.Dense`; for a non-float32 dtype its products run in dtype and return float32."""
   if jnp.dtype(dtype) == jnp.float32:
-    if kernel == 'native':
-      return native_dense.Dense(features, **kwargs)
     return nn.Dense(features, dtype=dtype, **kwargs)
   return nn.Dense(features, dtype=jnp.float32,
                   dot_general=functools.partial(_dense_dot_general, jnp.dtype(dtype)), **kwargs)

@@ -1,11 +1,11 @@
-"""Pooling, joint representation and the MCM causal classifier (REFERENCE §2, steps 6–8)."""
+"""Pooling, joint representation and the MCM causal classifier (docs/model.md §2, steps 6–8)."""
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cider_jax.models.dropout import Dropout
+from cider_jax.models import ops as ops_lib
 
 
 class AttentionPool(nn.Module):
@@ -23,12 +23,13 @@ class AttentionPool(nn.Module):
 class JointRep(nn.Module):
   """z = x + Linear(dropout(relu(Linear(x))))."""
   out_dropout: float = 0.0
+  ops: ops_lib.Ops = ops_lib.PLAIN
 
   @nn.compact
   def __call__(self, x, deterministic: bool):
     D = x.shape[-1]
     h = jax.nn.relu(nn.Dense(D, name='proj1')(x))
-    h = Dropout(self.out_dropout)(h, deterministic=deterministic)
+    h = self.ops.dropout(self.out_dropout)(h, deterministic=deterministic)
     return x + nn.Dense(D, name='proj2')(h)
 
 

@@ -1,14 +1,10 @@
-"""WSAM: word-level single-head attention that aligns audio / vision to the text positions."""
+"""WSAM: word-level single-head attention that aligns audio / vision to the text positions
+(docs/model.md §2, step 3)."""
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from cider_jax.kernels import attention as native_attention
-from cider_jax.kernels import dense as native_dense
-
-NEG = -1e9
+from cider_jax.models import ops as ops_lib
 
 
 def wsam_rows(text_mask, text_lengths):
@@ -28,7 +24,7 @@ def wsam_mask(text_mask, other_mask, text_lengths):
 class WSAM(nn.Module):
   """One-head attention: queries = projected text, keys = values = projected audio (or vision)."""
   embed_dim: int
-  kernel: str = 'xla'   # 'native': one CPU kernel call (kernels.attention.masked_attention)
+  ops: ops_lib.Ops = ops_lib.PLAIN
 
   @nn.compact
   def __call__(self, text, other, rows, cols):
@@ -36,23 +32,11 @@ class WSAM(nn.Module):
     attention mask is rows ⊗ cols (`wsam_mask`). → (B, L, E); a row with no valid key or not
     in `rows` gets the output bias only."""
     E = self.embed_dim
-    dense = lambda name: native_dense.make(self.kernel, E, name=name,
-                                           kernel_init=nn.initializers.xavier_uniform())
-    q = dense('query')(text) * np.float32(E ** -0.5)
-    k = dense('key')(other)
-    v = dense('value')(other)
-    if self.kernel == 'native':
-      # only the rows in `rows` and the valid keys are computed; the others' output is 0
-      out = native_attention.masked_attention(
-          q[:, :, None].astype(jnp.float32), k[:, :, None].astype(jnp.float32),
-          v[:, :, None].astype(jnp.float32), jnp.zeros(cols.shape, jnp.float32),
-          jnp.zeros((2,), jnp.uint32), 1.0, 0, 1.0, rows=rows, cols=cols)
-      return dense('out')(out[:, :, 0])
-    if self.kernel != 'xla':
-      raise ValueError(f"WSAM kernel must be 'xla' or 'native', got {self.kernel!r}")
-    mask = rows[:, :, None] * cols[:, None, :]
-    scores = jnp.einsum('bqe,bke->bqk', q, k).astype(jnp.float32)
-    scores = jnp.where(mask > 0, scores, scores + NEG)
-    weights = jax.nn.softmax(scores, axis=-1) * mask
-    out = jnp.einsum('bqk,bke->bqe', weights, v)
-    return dense('out')(out)
+    dense = lambda name: self.ops.dense(E, name=name,
+                                        kernel_init=nn.initializers.xavier_uniform())
+    one_head = lambda t: t[:, :, None, :]
+    out = self.ops.attention(one_head(dense('query')(text)), one_head(dense('key')(other)),
+                             one_head(dense('value')(other)),
+                             jnp.zeros(cols.shape, jnp.float32), scale=E ** -0.5,
+                             rows=rows, cols=cols)
+    return dense('out')(out[:, :, 0])
