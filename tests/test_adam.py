@@ -1,5 +1,5 @@
-"""The native in-place Adam update (kernels/adam.py, kernels.cc section 8) and
-optim.apply_update's native form against optax.
+"""The native in-place Adam update (kernels/adam.py, kernels.cc section 8) and its form
+over the optimizer groups (kernels/adam.apply_update) against optax.
 
 Reference 1: numpy float32 with optax's operations in their order (add_decayed_weights,
 scale_by_adam, scale(−lr), p + u), each one correctly rounded. The kernel performs the same
@@ -102,9 +102,9 @@ def test_native_apply_update_matches_optax_over_groups(aligned):
   state = tx.init(params)
 
   def two_updates(params, state, g1, g2, native):
-    c = cfg if native else None
-    p1, s1 = optim.apply_update(tx, labels, params, g1, state, cfg=c, skip=('student_only',))
-    return optim.apply_update(tx, labels, p1, g2, s1, cfg=c)
+    update = native_adam.apply_update if native else optim.apply_update
+    p1, s1 = update(tx, labels, params, g1, state, cfg=cfg, skip=('student_only',))
+    return update(tx, labels, p1, g2, s1, cfg=cfg)
 
   ref = jax.jit(lambda *a: two_updates(*a, native=False))
   nat = jax.jit(lambda *a: two_updates(*a, native=True))

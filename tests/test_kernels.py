@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cider_jax import configuration, losses, spec
+from cider_jax import backend, configuration, losses
 from cider_jax.kernels import attention as native
 from cider_jax.kernels import gru as native_gru
 from cider_jax.kernels import library
-from cider_jax.models import cider, mct
+from cider_jax.kernels import ops as native_ops
+from cider_jax.models import attention, gru
+from cider_jax.models import ops as ops_lib
 from configs import default
 from tests.helpers import tiny
 
@@ -105,7 +107,7 @@ def test_block_stats_gradient_matches_float64_and_the_xla_form(lead, T, D, block
   for got, want, name in zip(native_grads, ref, ('dq', 'dk', 'dv')):
     _close(got, want, name)
   if len(lead) == 2 and blocks == 3:  # the XLA form takes (B, H, 3·block_len, D)
-    xla_grads = objective(lambda q, k, v: mct._block_stats(q, k, v, block_len, 'xla'))(q, k, v)
+    xla_grads = objective(lambda q, k, v: attention.block_stats(q, k, v, block_len))(q, k, v)
     for got, want, name in zip(native_grads, xla_grads, ('dq', 'dk', 'dv')):
       _close(got, want, name + ' vs xla')
 
@@ -161,19 +163,32 @@ def test_attention_kl_and_its_gradient_match_float64(lead, T, D):
   assert not np.asarray(dq_t).any() and not np.asarray(dk_t).any()  # the teacher is a constant
 
 
+def _scores_form_kl(qk_t, qk_s, valid):
+  """The KL loss from the formed (B, H, T, T) scores: KL(softmax(S_t) ‖ softmax(S_s)) over
+  keys, summed, divided by B·heads; the teacher a constant."""
+  scores = lambda q, k: jnp.einsum('bhqd,bhkd->bhqk', q, k)
+  log_t = jax.nn.log_softmax(jax.lax.stop_gradient(scores(*qk_t)), axis=-1)
+  log_s = jax.nn.log_softmax(scores(*qk_s), axis=-1)
+  kl = jnp.sum(jnp.exp(log_t) * (log_t - log_s), axis=(1, 2, 3))
+  return jnp.sum(kl * valid), jnp.sum(valid) * qk_t[0].shape[1]
+
+
 def test_attention_kl_qk_native_equals_the_scores_form():
   rng = np.random.default_rng(5)
   qk_t = tuple(jnp.asarray(rng.normal(size=(4, 2, 30, 4)).astype(np.float32)) for _ in range(2))
   qk_s = tuple(jnp.asarray(rng.normal(size=(4, 2, 30, 4)).astype(np.float32)) for _ in range(2))
   valid = jnp.asarray([1.0, 0.0, 1.0, 1.0])
   out = {}
-  for kernel in ('native', 'xla'):
-    f = lambda qk_s: losses.attention_kl_qk(qk_t, qk_s, valid, kernel)[0]
+  for kernel, rows_fn in (('native', native.attention_kl), ('xla', losses.attention_kl_rows)):
+    f = lambda qk_s, rows_fn=rows_fn: losses.attention_kl(qk_t, qk_s, valid, rows_fn)[0]
     out[kernel] = jax.value_and_grad(f)(qk_s)
-  assert losses.attention_kl_qk(qk_t, qk_s, valid, 'native')[1] == 3 * 2
-  _close(out['native'][0], out['xla'][0], 'loss')
-  for a, b in zip(out['native'][1], out['xla'][1]):
-    _close(a, b, 'gradient')
+  out['scores'] = jax.value_and_grad(lambda qk_s: _scores_form_kl(qk_t, qk_s, valid)[0])(qk_s)
+  assert losses.attention_kl(qk_t, qk_s, valid, native.attention_kl)[1] == 3 * 2
+  assert _scores_form_kl(qk_t, qk_s, valid)[1] == 3 * 2
+  for other in ('xla', 'scores'):
+    _close(out['native'][0], out[other][0], 'loss vs ' + other)
+    for a, b in zip(out['native'][1], out[other][1]):
+      _close(a, b, 'gradient vs ' + other)
 
 
 @pytest.mark.slow   # ~110 s; the fixture parity tests check both forms in the default run
@@ -185,24 +200,26 @@ def test_model_and_train_step_native_equal_xla():
   theirs is round-off of that scale. Parameters after a step are not compared leaf by leaf
   for the same reason: Adam's first update turns such round-off into ±learning rate.
   """
-  from cider_jax import train
+  from cider_jax import run_state
   from cider_jax.train_step import prototype_inputs, train_step
   b = tiny.batch(8)
   results = {}
   for kernel in ('native', 'xla'):
     config = tiny.config(deterministic=True)
     config.model.kernels = kernel
-    model, tx, labels, state = train.init_state(config, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
-    assert model.kernels == kernel
+    model, tx, labels, state = run_state.init_state(config, tiny.SPEC, tiny.TINY_BERT,
+                                                    tiny.consts())
+    assert model.ops is (native_ops.NATIVE if kernel == 'native' else backend.plain_ops())
     feats, probs = prototype_inputs(tiny.consts(), 8)
     apply = lambda p, x: model.apply({'params': p}, x, feats, probs)
+    rows_fn = native.attention_kl if kernel == 'native' else losses.attention_kl_rows
     x_m = dict(b, audio_mask=b['audio_mask'] * (np.arange(20) % 3 > 0))
     teacher = apply(state.params, b)
 
     def loss(p):
       out = apply(p, x_m)
       nll = losses.nll(out['logp'], b['label'], b['valid'])[0]
-      kl = losses.attention_kl_qk(teacher['attn_qk'], out['attn_qk'], b['valid'], kernel)[0]
+      kl = losses.attention_kl(teacher['attn_qk'], out['attn_qk'], b['valid'], rows_fn)[0]
       return nll + kl
 
     grads = jax.jit(jax.grad(loss))(state.params)
@@ -258,12 +275,12 @@ def test_gru_matches_float64_and_its_gradient_the_scan(M, B, T, E, H, scale):
                 for d in (E, H))
   b_ih, b_hh = (rng.uniform(-bound, bound, size=(M, 3 * H)).astype(np.float32) for _ in range(2))
   args = (x, w_ih, w_hh, b_ih, b_hh)
-  hs = jax.jit(lambda *a: cider.gru_scan(*a, kernel='native'))(*args)
+  hs = jax.jit(lambda *a: gru.gru(*a, recurrence_fn=native_gru.recurrence))(*args)
   _close(hs, _gru_reference(*args), 'states')
   weights = rng.normal(size=(M, B, T, H)).astype(np.float32)
   grads = {}
-  for kernel in ('native', 'xla'):
-    f = lambda *a: jnp.sum(cider.gru_scan(*a, kernel=kernel) * weights)
+  for kernel, recurrence_fn in (('native', native_gru.recurrence), ('xla', gru.recurrence)):
+    f = lambda *a, r=recurrence_fn: jnp.sum(gru.gru(*a, recurrence_fn=r) * weights)
     grads[kernel] = jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))(*args)
   for got, want, name in zip(grads['native'], grads['xla'], ('dx', 'dw_ih', 'dw_hh', 'db_ih', 'db_hh')):
     _close(got, want, name)
@@ -276,14 +293,14 @@ def test_gru_recurrence_rejects_mismatched_shapes():
 
 
 def test_attention_kernel_resolution():
-  assert spec.resolve_kernels('xla', 4) == 'xla'
-  assert spec.resolve_kernels('auto', 4) == 'native'  # CPU backend, kernels built
-  assert spec.resolve_kernels('auto', 12) == 'xla'
-  assert spec.resolve_kernels('native', 4) == 'native'
+  assert backend.resolve('xla', 4) == 'xla'
+  assert backend.resolve('auto', 4) == 'native'  # CPU backend, kernels built
+  assert backend.resolve('auto', 12) == 'xla'
+  assert backend.resolve('native', 4) == 'native'
   with pytest.raises(ValueError, match='head size 12'):
-    spec.resolve_kernels('native', 12)
+    backend.resolve('native', 12)
   with pytest.raises(ValueError, match='model.kernels'):
-    spec.resolve_kernels('fast', 4)
+    backend.resolve('fast', 4)
   c = default.get_config()
   c.model.kernels = 'fast'
   with pytest.raises(ValueError, match='model.kernels'):
@@ -295,12 +312,12 @@ def test_no_compiler_falls_back_with_a_note(tmp_path):
   code = (
       'import sys\n'
       'from cider_jax.kernels import library\n'
-      'from cider_jax import spec\n'
+      'from cider_jax import backend\n'
       'ok, reason = library.available()\n'
       'assert not ok and "could not build" in reason, reason\n'
-      'assert spec.resolve_kernels("auto", 4) == "xla"\n'
+      'assert backend.resolve("auto", 4) == "xla"\n'
       'try:\n'
-      '  spec.resolve_kernels("native", 4)\n'
+      '  backend.resolve("native", 4)\n'
       '  sys.exit("native did not raise")\n'
       'except ValueError as e:\n'
       '  assert "could not build" in str(e), e\n'
@@ -456,8 +473,8 @@ def test_bert_native_attention_equals_xla_with_dropout():
   params = BertEncoder(bc).init(jax.random.PRNGKey(0), ids, mask, seg)['params']
   w = jnp.asarray(rng.randn(B, L, 64).astype(np.float32))
   results = {}
-  for kernel in ('native', 'xla'):
-    enc = BertEncoder(bc, kernel=kernel)
+  for kernel, ops in (('native', native_ops.NATIVE), ('xla', ops_lib.CPU)):
+    enc = BertEncoder(bc, ops=ops)
     def loss(p, enc=enc):
       h = enc.apply({'params': p}, ids, mask, seg, deterministic=False,
                     rngs={'dropout': jax.random.PRNGKey(5)})
@@ -470,9 +487,9 @@ def test_bert_native_attention_equals_xla_with_dropout():
     np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5 * scale,
                                err_msg=jax.tree_util.keystr(path))
   # and the dropout is on: another key changes the output
-  other = BertEncoder(bc, kernel='native').apply({'params': params}, ids, mask, seg,
-                                                 deterministic=False,
-                                                 rngs={'dropout': jax.random.PRNGKey(6)})
+  other = BertEncoder(bc, ops=native_ops.NATIVE).apply({'params': params}, ids, mask, seg,
+                                                      deterministic=False,
+                                                      rngs={'dropout': jax.random.PRNGKey(6)})
   assert float(jnp.max(jnp.abs(other - h_n))) > 1e-2
 
 
@@ -488,9 +505,9 @@ def test_wsam_native_equals_xla_with_empty_rows_and_keys():
   params = WSAM(E).init(jax.random.PRNGKey(0), t, o, rows, cols)
   w = jnp.asarray(rng.randn(B, L, E).astype(np.float32))
   res = {}
-  for kernel in ('native', 'xla'):
-    f = lambda p, t, o, m=WSAM(E, kernel): jnp.sum(m.apply(p, t, o, rows, cols) * w)
-    res[kernel] = (WSAM(E, kernel).apply(params, t, o, rows, cols),
+  for kernel, ops in (('native', native_ops.NATIVE), ('xla', ops_lib.CPU)):
+    f = lambda p, t, o, m=WSAM(E, ops): jnp.sum(m.apply(p, t, o, rows, cols) * w)
+    res[kernel] = (WSAM(E, ops).apply(params, t, o, rows, cols),
                    jax.grad(f, argnums=(0, 1, 2))(params, t, o))
   _close(res['native'][0], res['xla'][0], 'out')
   bias = np.asarray(params['params']['out']['bias'])
@@ -506,9 +523,10 @@ def _composite_reference(qkv, heads, block_len, scale, dout):
   """float64 out (B, T, 4E) of the composite attention and d qkv of Σ dout·out.
 
   Straight from the definition: for a query of block i and the p-th pattern of that block
-  (mct.SUMMARY, mct.PATTERNS), a softmax of scale·q·k over the keys of the pattern's blocks.
+  (attention.SUMMARY, attention.PATTERNS), a softmax of scale·q·k over the keys of the
+  pattern's blocks.
   """
-  from cider_jax.models.mct import PATTERNS, SUMMARY
+  from cider_jax.models.attention import PATTERNS, SUMMARY
   x = np.asarray(qkv, np.float64)
   B, T, E3 = x.shape
   E = E3 // 3
@@ -693,5 +711,3 @@ def test_weight_grad_rejects_mismatched_shapes():
     dense.weight_grad(jnp.ones((5, 3)), jnp.ones((4, 2)))
   with pytest.raises(ValueError, match='weight_grad'):
     dense.weight_grad(jnp.ones((2, 5, 3)), jnp.ones((2, 5, 2)))
-  with pytest.raises(ValueError, match="'xla' or 'native'"):
-    dense.make('fast', 4)
