@@ -19,9 +19,14 @@ import jax
 from cider_jax import embedding_rows, optim
 
 
-def _row_wise(setting, ops) -> bool:
-  """config.optim.embedding_rows: 'auto' follows the ops; True / False force it."""
-  return ops.row_wise_embeddings if setting == 'auto' else bool(setting)
+ROW_WISE = {'auto': None, 'on': True, 'off': False, True: True, False: False}
+
+
+def row_wise(setting, ops) -> bool:
+  """config.optim.embedding_rows: 'auto' follows the ops; 'on' / 'off' force it."""
+  if setting not in ROW_WISE:
+    raise ValueError(f"optim.embedding_rows must be 'auto', 'on' or 'off', got {setting!r}")
+  return ops.row_wise_embeddings if ROW_WISE[setting] is None else ROW_WISE[setting]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +45,7 @@ class Iteration:
             updates: int = 2):
     """ids: the (B, L) token ids of every pass the model makes in this step."""
     rows = None
-    if _row_wise(config.optim.get('embedding_rows', 'auto'), ops) and (
+    if row_wise(config.optim.get('embedding_rows', 'auto'), ops) and (
         embedding_rows.present(params)):
       rows, params, opt_state = embedding_rows.Rows.begin(
           params, opt_state, ids, config.optim, axis_name, ops.table_zero_updates, updates,

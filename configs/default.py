@@ -51,10 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
   model.deterministic = False   # True turns every dropout off (equivalence tests)
   model.dtype = 'float32'       # text-encoder matmul operands: 'float32' or 'bfloat16'
   #                               (float32 accumulation; the rest and all params stay float32)
-  model.kernels = 'auto'        # MCT attention and LayerNorms, distillation KL, GRU
-  #                               recurrence, BERT and WSAM attention: 'native' (C++ CPU
-  #                               kernels, built on first use), 'xla' (plain JAX),
-  #                               'auto' (native on the CPU backend when they build, else xla)
+  model.kernels = 'auto'        # the implementations (cider_jax/backend.py): 'native' (C++
+  #                               CPU kernels, built on first use), 'xla' (plain JAX, with the
+  #                               CPU forms on the CPU backend), 'auto' (native on the CPU
+  #                               backend when they build, else xla)
 
   # ---------------------------------------------------------------- losses (REFERENCE §4)
   config.loss = loss = ml_collections.ConfigDict()
@@ -71,7 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   optim.b2 = 0.999              # Adam beta2
   optim.eps = 1e-8              # Adam epsilon
   optim.grad_clip = 0.0         # global-norm gradient clipping per update (0: off, as the original)
-  optim.embedding_rows = True   # the word-embedding table's updates row-wise (embedding_rows.py)
+  optim.embedding_rows = 'auto'  # the word-embedding table's updates row-wise (embedding_rows.py):
+  #                               'auto' (on the CPU backend, where it was measured faster),
+  #                               'on' or 'off'
 
   # ---------------------------------------------------------------- training
   config.train = train = ml_collections.ConfigDict()

@@ -4,7 +4,7 @@ The forward product x·w + b and the input cotangent dy·wᵀ stay with XLA; the
 cotangents dw = xᵀ·dy and db = Σ dy come from the kernel, which reads x and dy as they lie
 (XLA would first copy one of them transposed and then run a general product).
 """
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -24,13 +24,10 @@ def weight_grad(x, dy):
       x.astype(jnp.float32), dy.astype(jnp.float32))
 
 
-# Up to this many weights (in × out: MiniLM's feed-forward layers) the kernel measured at
-# least as fast as XLA's product with 16-lane (AVX-512) vectors; above it, untested, XLA's is
-# used.
+# The most weights (in × out) whose gradient the kernel computes with 16-lane (AVX-512)
+# vectors (MiniLM's feed-forward layers), and with narrower ones (AVX2, NEON): above them
+# XLA's product measured faster or was not measured (docs/performance.md, A/B results).
 MAX_NATIVE_WEIGHTS = 384 * 1536
-# With narrower vectors (AVX2: 8 lanes, 16 registers) XLA's product measured faster above
-# this many (2 AVX2 cores, rows × in × out: 1600 × 384 × 384 native 6.1 ms, XLA 3.7 ms;
-# 1600 × 48 × 192 0.65 against 0.42 ms; 4800 × 128 × 32 0.5 against 1.0 ms).
 MAX_NATIVE_WEIGHTS_NARROW = 128 * 32
 
 
@@ -82,13 +79,3 @@ class Dense(nn.Module):
       y = jnp.dot(x, kernel)
       return y if bias is None else y + bias
     return dense(x, kernel, bias)
-
-
-def make(kernel: str, features: int, **kwargs: Any) -> nn.Module:
-  """`nn.Dense(features, **kwargs)` under kernel 'xla', `Dense` (the same parameters) under
-  'native'."""
-  if kernel == 'native':
-    return Dense(features, **kwargs)
-  if kernel != 'xla':
-    raise ValueError(f"dense kernel must be 'xla' or 'native', got {kernel!r}")
-  return nn.Dense(features, **kwargs)

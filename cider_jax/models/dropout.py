@@ -1,12 +1,11 @@
 """Dropout whose random bits come from a counter hash instead of a threefry stream.
 
-`nn.Dropout` draws one threefry value per element: on the CPU that costs about 7 ns an element
-(measured: 4.1 ms for a (32, 150, 128) mask), about a tenth of the training step of a small
-model. Here each call draws two 32-bit words from its flax 'dropout' key (one small threefry
-call) and the element bits are a hash of the element index under those words
-(`lowbias32`, two rounds); XLA fuses that into the masking, so the mask costs almost nothing
-(0.35 ms for the same shape). Same semantics as `nn.Dropout`: keep with probability 1 − rate,
-kept values scaled by 1 / (1 − rate), a pure function of the key.
+`nn.Dropout` draws one threefry value per element, which is slow on the CPU (figures in
+docs/performance.md). Here each call draws two 32-bit words from its flax 'dropout' key (one
+small threefry call) and the element bits are a hash of the element index under those words
+(`lowbias32`, two rounds); XLA fuses that into the masking. Same semantics as `nn.Dropout`:
+keep with probability 1 − rate, kept values scaled by 1 / (1 − rate), a pure function of the
+key. models.ops.CPU and the native kernels use it; the plain form is `nn.Dropout`.
 """
 import flax.linen as nn
 import jax
