@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cider_jax.compat import check_reference
+from cider_jax.models import ops as ops_lib
 from cider_jax.compat.reference import BUFFERS, flax_to_torch, infer_structure, torch_to_flax
 from tests.helpers.fixtures import FIXTURES_DIR, MACI_FIXTURE, MODEL_FIXTURE_NAMES, model_fixtures
 
@@ -32,6 +33,10 @@ def _fixture_kernels():
   for i, (path, name) in enumerate(zip(MODEL_FIXTURES, names)):
     out.append(pytest.param(path, 'native', id=f'{name}-native'))
     out.append(pytest.param(path, 'xla', id=f'{name}-xla',
+                            marks=() if i == default_xla else pytest.mark.slow))
+    # the plain forms of models.ops.PLAIN (chosen off the CPU): one masked softmax per
+    # pattern, the three MCT output linears, the dense table update
+    out.append(pytest.param(path, ops_lib.PLAIN, id=f'{name}-plain',
                             marks=() if i == default_xla else pytest.mark.slow))
   return out
 

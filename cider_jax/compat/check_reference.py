@@ -22,6 +22,7 @@ import numpy as np
 from cider_jax import backend, losses, optim
 from cider_jax.compat.reference import BUFFERS, flax_to_torch, infer_structure, torch_to_flax
 from cider_jax.models.bert import BertConfig
+from cider_jax.models import ops as ops_lib
 from cider_jax.models.cider import CIDer
 from cider_jax.train_step import TrainState, train_step
 
@@ -62,11 +63,13 @@ def load_fixture(path):
   except FileNotFoundError:
     raise FixtureError(f'{path}: no such file')
   except Exception as e:  # not an npz, or no meta_json
-    raise FixtureError(f'{path}: not a fixture in the format of shared/fixtures ({e})')
+    raise FixtureError(f'{path}: not a fixture in the format of docs/model.md §6 ({e})')
   return {k: z[k] for k in z.files}, meta
 
 
 def build(arrays, meta, kernels='auto'):
+  """(model, params, cross_dataset) of a fixture; kernels: a model.kernels choice, or a
+  models.ops.Ops to build the model with."""
   hp = meta['hparams']
   state = {k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')}
   layers, num_classes, cross = infer_structure(state)
@@ -78,7 +81,8 @@ def build(arrays, meta, kernels='auto'):
   model = CIDer(BertConfig.from_dict(meta['bert']), num_classes, bool(hp['aligned']), dims, seq,
                 embed_dim=E, num_heads=int(hp['num_heads']), layers=layers,
                 positions='reference', cross_dataset=cross,
-                ops=backend.select(kernels, E // int(hp['num_heads'])))
+                ops=kernels if isinstance(kernels, ops_lib.Ops)
+                else backend.select(kernels, E // int(hp['num_heads'])))
   return model, torch_to_flax(state), cross
 
 
