@@ -1,4 +1,4 @@
-"""Loss terms of REFERENCE §4, each as (numerator, denominator).
+"""Loss terms of docs/model.md §4, each as (numerator, denominator).
 
 The caller divides by the denominator summed over all devices, so a loss (and its gradient)
 is the same for a global batch whatever the number of devices it is split over. `valid`

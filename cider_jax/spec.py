@@ -16,7 +16,7 @@ from cider_jax.models.cider import CIDer
 
 NUM_CLASSES = {'binary': 3, 'seven': 7}
 
-# Nominal shapes of the MMSA files (REFERENCE §1), used only by `--dry_run`, which builds the
+# Nominal shapes of the MMSA files (docs/model.md §1), used only by `--dry_run`, which builds the
 # model without reading any data: (L, La, Lv), (Da, Dv).
 NOMINAL = {
     ('mosi', False): ((50, 375, 500), (5, 20)),

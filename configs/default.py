@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   #                               CPU forms on the CPU backend), 'auto' (native on the CPU
   #                               backend when they build, else xla)
 
-  # ---------------------------------------------------------------- losses (REFERENCE §4)
+  # ---------------------------------------------------------------- losses (docs/model.md §4)
   config.loss = loss = ml_collections.ConfigDict()
   loss.w_rep = 0.5              # weight of 1 - cos(z_student, z_teacher)
   loss.w_attn = 0.1             # weight of KL(teacher scores || student scores), last MCT layer
@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.evaluate_at_end = True  # run the full evaluation on the best checkpoint after training
   train.compilation_cache = '~/.cache/cider_jax/xla'  # persistent XLA cache ('' = off)
 
-  # ---------------------------------------------------------------- MACI (REFERENCE §5)
+  # ---------------------------------------------------------------- MACI (docs/model.md §5)
   config.maci = maci = ml_collections.ConfigDict()
   maci.top_k = 100              # number of bias words kept
   maci.cv_threshold = 0.1       # coefficient of variation threshold for a bias word

@@ -132,7 +132,7 @@ def test_spurious_cue_is_planted_in_train_valid_not_test(probe_splits, tokenizer
 
 
 def test_bias_vocabulary_holds_the_cue_words_not_the_opinion_words(tokenizer):
-  """The REFERENCE §5 rule on generated train data: the planted cue words are bias words with
+  """The docs/model.md §5 rule on generated train data: the planted cue words are bias words with
   a large coefficient of variation; the polar opinion words, balanced between negative and
   positive examples, vary only by the difference of the class sizes, so only a few pass the
   0.1 threshold, narrowly (5 of 37 here, 1 of 37 on the quickstart's data)."""

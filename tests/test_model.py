@@ -177,7 +177,7 @@ def test_bfloat16_compute_keeps_float32_params():
     ('mosei', {}, 291089), ('mosei_seven', {}, 298809),
 ])
 def test_dry_run_parameter_counts(config, overrides, expected):
-  """REFERENCE §2: the original's measured counts of everything but BERT."""
+  """docs/model.md §2: the original's measured counts of everything but BERT."""
   sys.path.insert(0, ROOT)
   cfg = importlib.import_module(f'configs.{config}').get_config()
   for k, v in overrides.items():

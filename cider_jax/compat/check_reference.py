@@ -8,7 +8,7 @@ with the fixture's keep-masks, and prints as its last line one JSON object mappi
 compared key to its max absolute difference. Exit status 0 only if all are within tolerance:
 outputs and losses 1e-4; parameters after the step 1e-5, except elements whose gradient is
 below 1e-6 in either update (keys ending in `_small_grad`: Adam turns float32 noise there into
-updates of up to about lr each, of either sign, REFERENCE §4, so two implementations can differ
+updates of up to about lr each, of either sign, docs/model.md §4, so two implementations can differ
 by up to twice the sum of the bounds of the updates the element takes, `noise_tolerance`).
 """
 import json

@@ -1,6 +1,6 @@
 """Builder configs of the MMSA datasets (MOSI, MOSEI), read from pickles in a manual dir.
 
-The manual dir is the root of REFERENCE §1's layout (the `--config.data.dir` folder);
+The manual dir is the root of docs/model.md §1's layout (the `--config.data.dir` folder);
 a config with `file` set reads that one pickle instead.
 """
 import hashlib
