@@ -13,14 +13,9 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-PAD_ID = 0
-UNK_ID = 100
-CLS_ID = 101
-SEP_ID = 102
-MASK_ID = 103
-SPECIAL_IDS = (PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID)
+from cider_jax import tokens
+from cider_jax.spec import NUM_CLASSES
 
-_NUM_CLASSES = {'binary': 3, 'seven': 7}
 # Classes whose counts enter the coefficient of variation: for the 3-class task only
 # negative (0) and positive (2); for the 7-class task all seven.
 _CV_CLASSES = {'binary': (0, 2), 'seven': tuple(range(7))}
@@ -51,15 +46,16 @@ def _as_int_ids(token_ids, name='token_ids'):
 
 
 def bias_vocabulary_stats(token_ids, labels, task, top_k=100, cv_threshold=0.1,
-                          reproduce_stale_cv=False) -> BiasVocabulary:
+                          reproduce_stale_cv=False,
+                          special: tokens.SpecialTokens = tokens.BERT) -> BiasVocabulary:
   """Bias words of a train split with their counts and coefficients of variation.
 
-  Every token occurrence is counted per class; the special ids (0, 100, 101, 102, 103) are
-  skipped. All positions of a row are counted, padding included (padding is id 0, skipped),
-  as the original does. The coefficient of variation is the population std over the mean of
-  the counts of the classes used (3-class: negative and positive only; 7-class: all seven),
-  computed in float32 like the original; cv >= cv_threshold (compared in float32) makes a
-  candidate. The `top_k` candidates with the largest total count over all classes (neutral
+  Every token occurrence is counted per class; the special tokens ([PAD], [UNK], [CLS],
+  [SEP], [MASK]) are skipped. All positions of a row are counted, padding included (padding
+  is [PAD], skipped), as the original does. The coefficient of variation is the population
+  std over the mean of the counts of the classes used (3-class: negative and positive only;
+  7-class: all seven), computed in float32 like the original; cv >= cv_threshold (compared in
+  float32) makes a candidate. The `top_k` candidates with the largest total count over all classes (neutral
   included) are kept, ties in order of first occurrence in the split (sample order, then
   position).
 
@@ -76,13 +72,14 @@ def bias_vocabulary_stats(token_ids, labels, task, top_k=100, cv_threshold=0.1,
     top_k: number of bias words kept (the original's `bias_thresh`).
     cv_threshold: minimum coefficient of variation of a bias word.
     reproduce_stale_cv: see above.
+    special: the special-token ids of the text's vocabulary (bert-base-uncased's by default).
 
   Returns:
     BiasVocabulary(ids (K,), counts (K,), cv (K,)) with K <= top_k.
   """
-  if task not in _NUM_CLASSES:
-    raise ValueError(f"task must be one of {sorted(_NUM_CLASSES)}, got {task!r}")
-  num_classes = _NUM_CLASSES[task]
+  if task not in NUM_CLASSES:
+    raise ValueError(f"task must be one of {sorted(NUM_CLASSES)}, got {task!r}")
+  num_classes = NUM_CLASSES[task]
   ids = _as_int_ids(token_ids)
   if ids.ndim != 2:
     raise ValueError(f'token_ids: expected shape (N, L), got {ids.shape}')
@@ -99,7 +96,7 @@ def bias_vocabulary_stats(token_ids, labels, task, top_k=100, cv_threshold=0.1,
   # Occurrences in split order: sample by sample, position by position.
   flat_ids = ids.reshape(-1)
   flat_labels = np.repeat(labels, ids.shape[1])
-  regular = ~np.isin(flat_ids, SPECIAL_IDS)
+  regular = ~np.isin(flat_ids, special.ids)
   flat_ids, flat_labels = flat_ids[regular], flat_labels[regular]
   if flat_ids.size == 0:
     empty = np.zeros((0,), np.int64)
@@ -147,21 +144,24 @@ def _stale_cv(cv, seen, first_pos):
 
 
 def bias_vocabulary(token_ids, labels, task, top_k=100, cv_threshold=0.1,
-                    reproduce_stale_cv=False) -> np.ndarray:
+                    reproduce_stale_cv=False,
+                    special: tokens.SpecialTokens = tokens.BERT) -> np.ndarray:
   """(K,) int32 bias-word ids of a train split, most frequent first; K <= top_k.
 
   See `bias_vocabulary_stats` for the rule (REFERENCE §5) and the arguments.
   """
   return bias_vocabulary_stats(token_ids, labels, task, top_k, cv_threshold,
-                               reproduce_stale_cv).ids
+                               reproduce_stale_cv, special).ids
 
 
-def counterfactual_ids(token_ids, bias_vocab) -> np.ndarray:
-  """Counterfactual text: special ids and bias words kept, every other token -> [MASK] (103).
+def counterfactual_ids(token_ids, bias_vocab,
+                       special: tokens.SpecialTokens = tokens.BERT) -> np.ndarray:
+  """Counterfactual text: special tokens and bias words kept, every other token -> [MASK].
 
   Args:
     token_ids: (..., L) token ids, int or integral float (the dtype is preserved).
     bias_vocab: (K,) bias-word ids.
+    special: the special-token ids of the text's vocabulary (bert-base-uncased's by default).
 
   Returns:
     (..., L) ids, same dtype as `token_ids`.
@@ -169,16 +169,18 @@ def counterfactual_ids(token_ids, bias_vocab) -> np.ndarray:
   arr = np.asarray(token_ids)
   ids = _as_int_ids(arr)
   vocab = _as_int_ids(bias_vocab, 'bias_vocab').reshape(-1)
-  keep = np.isin(ids, SPECIAL_IDS) | np.isin(ids, vocab)
-  return np.where(keep, arr, np.asarray(MASK_ID, arr.dtype)).astype(arr.dtype)
+  keep = np.isin(ids, special.ids) | np.isin(ids, vocab)
+  return np.where(keep, arr, np.asarray(special.mask, arr.dtype)).astype(arr.dtype)
 
 
-def bias_lookup_table(bias_vocab, vocab_size) -> jnp.ndarray:
+def bias_lookup_table(bias_vocab, vocab_size,
+                      special: tokens.SpecialTokens = tokens.BERT) -> jnp.ndarray:
   """(V,) bool table, True for ids kept in the counterfactual text (bias words and specials).
 
   Args:
     bias_vocab: (K,) bias-word ids, each in [0, vocab_size).
     vocab_size: V, the text encoder's vocabulary size.
+    special: the special-token ids of the text's vocabulary (bert-base-uncased's by default).
   """
   vocab = _as_int_ids(bias_vocab, 'bias_vocab').reshape(-1)
   if vocab_size <= 0:
@@ -188,12 +190,13 @@ def bias_lookup_table(bias_vocab, vocab_size) -> jnp.ndarray:
                      f'[{vocab.min()}, {vocab.max()}]')
   table = np.zeros((vocab_size,), bool)
   table[vocab] = True
-  specials = np.asarray([s for s in SPECIAL_IDS if s < vocab_size], np.int64)
+  specials = np.asarray([s for s in special.ids if s < vocab_size], np.int64)
   table[specials] = True
   return jnp.asarray(table)
 
 
-def counterfactual_ids_jax(token_ids, table) -> jnp.ndarray:
+def counterfactual_ids_jax(token_ids, table,
+                           special: tokens.SpecialTokens = tokens.BERT) -> jnp.ndarray:
   """jit-friendly `counterfactual_ids`: a gather on a `bias_lookup_table`.
 
   Special ids are kept whatever the table says. Ids outside [0, V) are treated as non-bias
@@ -202,6 +205,7 @@ def counterfactual_ids_jax(token_ids, table) -> jnp.ndarray:
   Args:
     token_ids: (..., L) token ids, int or integral float (the dtype is preserved).
     table: (V,) bool (or 0/1) table from `bias_lookup_table`.
+    special: the special-token ids of the text's vocabulary (bert-base-uncased's by default).
 
   Returns:
     (..., L) ids, same dtype as `token_ids`.
@@ -211,6 +215,6 @@ def counterfactual_ids_jax(token_ids, table) -> jnp.ndarray:
   vocab_size = table.shape[0]
   in_table = (ids >= 0) & (ids < vocab_size)
   keep = in_table & (jnp.take(table, jnp.clip(ids, 0, vocab_size - 1), axis=0) > 0)
-  for special in SPECIAL_IDS:
-    keep = keep | (ids == special)
-  return jnp.where(keep, token_ids, jnp.asarray(MASK_ID, token_ids.dtype))
+  for special_id in special.ids:
+    keep = keep | (ids == special_id)
+  return jnp.where(keep, token_ids, jnp.asarray(special.mask, token_ids.dtype))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-UNK_ID = 100
+from cider_jax import tokens
 
 TEST_MODES = ('RMFM', 'RMFM_same', 'RMM', 'TMFM', 'STMFM')
 ALIGNED_ONLY_MODES = ('TMFM', 'STMFM')
@@ -135,8 +135,8 @@ def train_keep(keys, text_mask, audio_mask, vision_mask):
           rmfm_train_keep(k_vision, vision_mask))
 
 
-def apply_keep(batch, text_keep, audio_keep, vision_keep):
-  """Masked copy of a batch: dropped tokens -> [UNK] (100), dropped frames -> 0.
+def apply_keep(batch, text_keep, audio_keep, vision_keep, unk_id: int = tokens.BERT.unk):
+  """Masked copy of a batch: dropped tokens -> [UNK] (`unk_id`), dropped frames -> 0.
 
   Pure jnp, works inside jit. The attention mask is unchanged; padding stays as it is.
 
@@ -145,6 +145,7 @@ def apply_keep(batch, text_keep, audio_keep, vision_keep):
       (B, L) ids together with 'text_mask' (B, L)), 'audio' (B, La, Da), 'vision'
       (B, Lv, Dv). Other entries are passed through.
     text_keep (B, L), audio_keep (B, La), vision_keep (B, Lv): keep masks (1 = kept).
+    unk_id: the [UNK] id of the text's vocabulary (bert-base-uncased's by default).
 
   Returns:
     A new dict with 'text', 'audio' and 'vision' replaced by their masked versions.
@@ -167,7 +168,7 @@ def apply_keep(batch, text_keep, audio_keep, vision_keep):
   _check_shape('vision_keep', vision_keep, vision.shape[:2])
 
   dropped = valid & ~(jnp.asarray(text_keep) > 0)
-  ids_m = jnp.where(dropped, jnp.asarray(UNK_ID, ids.dtype), ids)
+  ids_m = jnp.where(dropped, jnp.asarray(unk_id, ids.dtype), ids)
   text_m = text.at[:, 0].set(ids_m) if text.ndim == 3 else ids_m
   out = dict(batch)
   out['text'] = text_m

@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-NUM_CLASSES = {'binary': 3, 'seven': 7}
+from cider_jax.spec import NUM_CLASSES
+
 _MAIN_METRIC = {'binary': 'Non0_acc_2', 'seven': 'Acc_7'}
 METRIC_NAMES = {
     'binary': ('Acc_3', 'F1_3', 'Has0_acc_2', 'Has0_F1', 'Non0_acc_2', 'Non0_F1'),

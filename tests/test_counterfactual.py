@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cider_jax import counterfactual as cf
+from cider_jax import tokens
 from tests.helpers.fixtures import MACI_FIXTURE, fixture_path
 
 FIXTURE = fixture_path(MACI_FIXTURE)
@@ -114,7 +115,7 @@ def test_bias_vocabulary_property(data, task, top_k, threshold):
   want = spec_bias_vocabulary(ids, labels, task, top_k, threshold)
   np.testing.assert_array_equal(got.ids, want[0])
   np.testing.assert_array_equal(got.counts, want[1])
-  assert not set(got.ids.tolist()) & set(cf.SPECIAL_IDS)
+  assert not set(got.ids.tolist()) & set(tokens.BERT.ids)
 
 
 # ---------------------------------------------------------------- edge cases by hand

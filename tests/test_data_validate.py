@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from cider_jax.data.validate import CLS_ID, SEP_ID, DataError, check_split
+from cider_jax.data.validate import DataError, check_split
+from cider_jax.tokens import BERT
 from tests.conftest import make_mmsa_split
 
 SMALL = dict(text_len=10, audio_len=6, vision_len=7, audio_dim=2, vision_dim=3)
@@ -61,13 +62,13 @@ def test_text_without_cls_is_refused():
 
 
 def test_cls_alone_is_refused():
-  raw = _split([[CLS_ID, 7, SEP_ID], [CLS_ID]], text_len=4)
+  raw = _split([[BERT.cls, 7, BERT.sep], [BERT.cls]], text_len=4)
   with pytest.raises(DataError, match="example 1: last attended token .* is id 101, not"):
     check_split(raw, 'train')
 
 
 _rows = st.lists(st.lists(st.integers(103, 30521), min_size=0, max_size=10), min_size=1,
-                 max_size=6).map(lambda rows: [[CLS_ID] + r + [SEP_ID] for r in rows])
+                 max_size=6).map(lambda rows: [[BERT.cls] + r + [BERT.sep] for r in rows])
 
 
 @settings(max_examples=60, deadline=None)
@@ -82,7 +83,7 @@ def test_valid_texts_are_accepted(rows, pad):
 @given(rows=_rows, pad=st.integers(0, 3), data=st.data())
 def test_a_corrupted_sep_is_refused_naming_the_example(rows, pad, data):
   i = data.draw(st.integers(0, len(rows) - 1))
-  rows[i][-1] = data.draw(st.integers(0, 30521).filter(lambda t: t != SEP_ID))
+  rows[i][-1] = data.draw(st.integers(0, 30521).filter(lambda t: t != BERT.sep))
   with pytest.raises(DataError) as info:
     check_split(_split(rows, max(map(len, rows)) + pad), 'valid')
   e = info.value

@@ -8,7 +8,7 @@ import pytest
 from configs import quickstart
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import evaluate as eval_lib
-from cider_jax import metrics, spec as spec_lib, train
+from cider_jax import metrics, spec as spec_lib, tokens, train
 from cider_jax.data import pipeline
 
 
@@ -148,5 +148,5 @@ def test_bias_vocabulary_of_other_maci_settings(run, tmp_path, capsys):
   want = counterfactual.bias_vocabulary(tr.text_ids, tr.labels(config.task), config.task,
                                         config.maci.top_k, config.maci.cv_threshold)
   table = np.asarray(consts['bias_table'])
-  specials = {i for i in counterfactual.SPECIAL_IDS if i < table.size}
+  specials = {i for i in tokens.BERT.ids if i < table.size}
   assert set(np.flatnonzero(table > 0).tolist()) == set(np.asarray(want).tolist()) | specials

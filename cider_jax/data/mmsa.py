@@ -17,13 +17,17 @@ line naming the file, split, field, example index and what was expected.
 
   python -m cider_jax.data.mmsa FILE   # prints a summary, or one error line and exit code 1
 """
+import argparse
 import dataclasses
 import os
 import pickle
+import sys
 from typing import Any, Mapping, Optional
 
+import joblib
 import numpy as np
 
+from cider_jax import tokens
 from cider_jax.data import validate
 from cider_jax.data.validate import DataError
 
@@ -192,7 +196,6 @@ def read_pickle(path: str, what: str = 'MMSA data file') -> Any:
   except Exception as e:  # pylint: disable=broad-except
     errors.append(f'pickle: {type(e).__name__}: {e}')
   try:
-    import joblib  # pylint: disable=g-import-not-at-top
     return joblib.load(path)
   except Exception as e:  # pylint: disable=broad-except
     errors.append(f'joblib: {type(e).__name__}: {e}')
@@ -209,7 +212,8 @@ def _cfg_parts(cfg):
 
 
 def load_mmsa(path_or_cfg, task: Optional[str] = None, *, aligned: Optional[bool] = None,
-              labels_from_score: Optional[bool] = None) -> dict:
+              labels_from_score: Optional[bool] = None,
+              special: tokens.SpecialTokens = tokens.BERT) -> dict:
   """Loads and validates MMSA data; returns {'train': Split, 'valid': Split, 'test': Split}.
 
   Args:
@@ -221,11 +225,13 @@ def load_mmsa(path_or_cfg, task: Optional[str] = None, *, aligned: Optional[bool
     labels_from_score: True derives label3 from the score (cross-dataset files); False reads
       classification_labels; None: from the config (cross_dataset) or, for a path, reads
       classification_labels when present.
+    special: the special tokens of the vocabulary the texts were tokenised with (their
+      [CLS] / [SEP] are checked); bert-base-uncased's by default.
   """
   if isinstance(path_or_cfg, (str, os.PathLike)):
     path = os.fspath(path_or_cfg)
     return splits_from_dict(read_pickle(path), source=path, aligned=aligned,
-                            labels_from_score=labels_from_score)
+                            labels_from_score=labels_from_score, special=special)
   data_cfg, cfg_task = _cfg_parts(path_or_cfg)
   task = task or cfg_task
   paths = resolve_split_paths(data_cfg, task)
@@ -241,13 +247,18 @@ def load_mmsa(path_or_cfg, task: Optional[str] = None, *, aligned: Optional[bool
     if path not in loaded:
       loaded[path] = read_pickle(path, what)
     out[split] = splits_from_dict(loaded[path], source=path, aligned=aligned,
-                                  labels_from_score=labels_from_score, only=(split,))[split]
+                                  labels_from_score=labels_from_score, only=(split,),
+                                  special=special)[split]
   return out
 
 
 def splits_from_dict(data: Any, source: str = '<data>', *, aligned: Optional[bool] = None,
-                     labels_from_score: Optional[bool] = None, only=SPLITS) -> dict:
-  """Validates an MMSA dict (as unpickled) and converts the splits named in `only`."""
+                     labels_from_score: Optional[bool] = None, only=SPLITS,
+                     special: tokens.SpecialTokens = tokens.BERT) -> dict:
+  """Validates an MMSA dict (as unpickled) and converts the splits named in `only`.
+
+  See `load_mmsa` for `aligned`, `labels_from_score` and `special`.
+  """
   if not isinstance(data, Mapping):
     raise DataError(f'{source}: expected a dict with keys {list(SPLITS)}, '
                     f'got {type(data).__name__}')
@@ -258,7 +269,7 @@ def splits_from_dict(data: Any, source: str = '<data>', *, aligned: Optional[boo
                       f'found {sorted(map(str, data.keys()))}')
     try:
       fields = validate.check_split(data[split], split, aligned=aligned,
-                                    labels_from_score=labels_from_score)
+                                    labels_from_score=labels_from_score, special=special)
     except DataError as e:
       raise DataError(f'{source}: {e}', split=e.split, field=e.field, index=e.index) from None
     out[split] = Split(**fields)
@@ -290,8 +301,6 @@ def summarize(splits: Mapping[str, Split]) -> str:
 
 
 def main(argv=None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(
       prog='python -m cider_jax.data.mmsa',
       description='Validate an MMSA pickle and print a summary of its splits.')
@@ -303,9 +312,19 @@ def main(argv=None) -> int:
                      help='require audio_lengths / vision_lengths')
   parser.add_argument('--labels-from-score', action='store_true', default=None,
                       help='derive the 3-class label from the score (cross-dataset files)')
+  parser.add_argument('--tokenizer', metavar='DIR', default=None,
+                      help='tokenizer or BERT folder (vocab.txt or tokenizer.json) the texts '
+                      'were tokenised with; its [CLS] / [SEP] ids are checked (default: '
+                      'bert-base-uncased\'s)')
   args = parser.parse_args(argv)
   try:
-    splits = load_mmsa(args.file, aligned=args.aligned, labels_from_score=args.labels_from_score)
+    special = tokens.from_tokenizer_dir(args.tokenizer) if args.tokenizer else tokens.BERT
+  except (OSError, ValueError) as e:
+    print(f'error: --tokenizer: {_one_line(e)}', file=sys.stderr)
+    return 1
+  try:
+    splits = load_mmsa(args.file, aligned=args.aligned, labels_from_score=args.labels_from_score,
+                       special=special)
   except DataError as e:
     print(f'error: {_one_line(e)}', file=sys.stderr)
     return 1

@@ -7,7 +7,7 @@ and scored on valid and test. The word pairs let a linear probe read negation ("
 """
 import numpy as np
 
-_SPECIAL_IDS = (0, 100, 101, 102, 103)
+from cider_jax import tokens
 
 
 def fit_logreg(x, y, num_classes, l2=1e-2, steps=300, lr=0.5):
@@ -65,16 +65,18 @@ def time_stats(x, mask):
   return np.concatenate([mean, np.sqrt(var)], axis=1)
 
 
-def signal_report(splits, cue_ids, task='binary'):
+def signal_report(splits, cue_ids, task='binary', special: tokens.SpecialTokens = tokens.BERT):
   """{feature set: {'valid': acc, 'test': acc}} of probes trained on splits['train'].
 
   cue_ids: {'pos': ids, 'neg': ids} of the planted cue words (synthetic.cue_token_ids()).
+  special: the special tokens of the texts' vocabulary, left out of the bags of words
+  (`tokens.from_tokenizer_dir` of the tokenizer's folder; bert-base-uncased's by default).
   Also reports 'cue_precision': in each split, the fraction of examples containing a cue
   word whose label is the cue's class (train/valid high, test low when the cue is planted).
   """
   train = splits['train']
   ids_train = np.where(train.text_mask > 0, train.text_ids, 0)
-  vocab = np.setdiff1d(np.unique(ids_train), _SPECIAL_IDS)
+  vocab = np.setdiff1d(np.unique(ids_train), special.ids)
   codes = bigram_codes(train.text_ids, train.text_mask)
   pairs, pair_counts = np.unique(codes[codes >= 0], return_counts=True)
   pairs = pairs[pair_counts >= 3]  # pairs seen at least 3 times in train

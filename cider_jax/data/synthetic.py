@@ -37,6 +37,7 @@ import tempfile
 
 import numpy as np
 
+from cider_jax import tokens
 from cider_jax.data.validate import DataError
 
 GENERATOR_VERSION = 2
@@ -391,9 +392,12 @@ def main(argv=None) -> int:
   config.data.aligned = args.aligned
   params = synthetic_params(config)
   tokenizer = load_tokenizer()
-  splits = mmsa.splits_from_dict(generate(params, tokenizer), source='<synthetic>')
+  special = tokens.from_tokenizer_dir(packaged_minilm_dir())
+  splits = mmsa.splits_from_dict(generate(params, tokenizer), source='<synthetic>',
+                                 special=special)
   print(json.dumps(params))
-  print(probe.format_report(probe.signal_report(splits, cue_token_ids(tokenizer))))
+  print(probe.format_report(probe.signal_report(splits, cue_token_ids(tokenizer),
+                                                special=special)))
   return 0
 
 

@@ -8,12 +8,9 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-_REQUIRED = ('text_bert', 'audio', 'vision', 'regression_labels')
+from cider_jax import tokens
 
-# [CLS] / [SEP] ids of the BERT uncased vocabularies (bert-base-uncased, all-MiniLM-L6-v2),
-# as in cider_jax.counterfactual: every text is [CLS] ... [SEP] then padding.
-CLS_ID = 101
-SEP_ID = 102
+_REQUIRED = ('text_bert', 'audio', 'vision', 'regression_labels')
 
 
 class DataError(ValueError):
@@ -113,31 +110,34 @@ def _prefix_mask(lengths: np.ndarray, frames: int) -> np.ndarray:
   return (np.arange(frames)[None, :] < lengths[:, None]).astype(np.float32)
 
 
-def _check_cls_sep(split, text_ids, lengths):
+def _check_cls_sep(split, text_ids, lengths, special):
   """Every text starts with [CLS] and its last attended token (length - 1) is [SEP]."""
-  layout = (f'each text [CLS] (id {CLS_ID}) ... [SEP] (id {SEP_ID}) then padding, the '
+  layout = (f'each text [CLS] (id {special.cls}) ... [SEP] (id {special.sep}) then padding, the '
             'attention mask 1 from [CLS] to [SEP]')
-  bad = text_ids[:, 0] != CLS_ID
+  bad = text_ids[:, 0] != special.cls
   if bad.any():
     i = int(np.argmax(bad))
-    _fail(split, 'text_bert', f'first token is id {text_ids[i, 0]}, not [CLS] (id {CLS_ID})',
+    _fail(split, 'text_bert', f'first token is id {text_ids[i, 0]}, not [CLS] (id {special.cls})',
           layout, i)
   last = text_ids[np.arange(len(lengths)), lengths - 1]
-  bad = last != SEP_ID
+  bad = last != special.sep
   if bad.any():
     i = int(np.argmax(bad))
     _fail(split, 'text_bert', f'last attended token (position {lengths[i] - 1}, text length '
-          f'{lengths[i]}) is id {last[i]}, not [SEP] (id {SEP_ID})', layout, i)
+          f'{lengths[i]}) is id {last[i]}, not [SEP] (id {special.sep})', layout, i)
 
 
 def check_split(raw: Any, split: str, *, aligned: Optional[bool] = None,
-                labels_from_score: Optional[bool] = None) -> dict:
+                labels_from_score: Optional[bool] = None,
+                special: tokens.SpecialTokens = tokens.BERT) -> dict:
   """Validates one split dict; returns the keyword arguments of `mmsa.Split`.
 
   aligned: True uses text lengths for audio/vision; False requires audio_lengths and
     vision_lengths; None uses the lengths when the file has them, text lengths otherwise.
   labels_from_score: True derives label3 from the score; False requires
     classification_labels; None reads them when present, else derives from the score.
+  special: the [CLS] / [SEP] ids every text must start / end with (bert-base-uncased's by
+    default).
   """
   if not isinstance(raw, Mapping):
     raise DataError(f"split '{split}': expected a dict of arrays, got {type(raw).__name__}",
@@ -171,7 +171,7 @@ def check_split(raw: Any, split: str, *, aligned: Optional[bool] = None,
     _fail(split, 'text_bert', 'negative segment id', 'non-negative segment ids',
           _first_bad(segments < 0))
   text_lengths = mask.sum(axis=1).astype(np.int64)
-  _check_cls_sep(split, text_ids, text_lengths)
+  _check_cls_sep(split, text_ids, text_lengths, special)
 
   audio = _features(split, 'audio', raw['audio'])
   vision = _features(split, 'vision', raw['vision'])
