@@ -12,10 +12,19 @@ Only fields present in the config are checked, so a config with fewer fields sti
 `parse_flags` is an absl flags parser for the launchers: an override of a field the config
 does not have (`--config.train.no_such_key=1`) becomes one `error:` line and exit code 2.
 """
+import importlib.util
 import json
 import numbers
 import os
 import sys
+
+import jax
+from absl import app
+
+from cider_jax import masks
+from cider_jax.data import mmsa, synthetic
+from cider_jax.data.validate import DataError
+from cider_jax.models.bert import PACKAGE_PREFIX
 
 TASKS = ('binary', 'seven')
 SOURCES = ('mmsa', 'synthetic')
@@ -25,7 +34,6 @@ POSITIONS = ('time', 'reference')
 DTYPES = ('float32', 'bfloat16')
 KERNELS = ('auto', 'native', 'xla')
 DROPOUTS = ('attn_dropout', 'out_dropout', 'embed_dropout', 'relu_dropout', 'res_dropout')
-PACKAGE_PREFIX = 'package:'  # as cider_jax.models.bert: a pip package's model/ folder
 
 _MISSING = object()
 
@@ -109,8 +117,6 @@ def _check_data(config):
     _fail('data.aligned', aligned, 'True with data.setting=cross_dataset '
           '(MSA_cross_datasets holds aligned features only)')
   if source == 'synthetic' and _get(config, 'data.synthetic') is not _MISSING:
-    from cider_jax.data import synthetic
-    from cider_jax.data.validate import DataError
     try:
       synthetic.synthetic_params(config)
     except DataError as e:  # 'config.data.synthetic.<field> is …; expected …'
@@ -148,8 +154,7 @@ def _check_training(config, check_devices):
   _positive(config, 'optim.grad_clip', strict=False, what='a clipping norm', note=' (0: off)')
   batch = _integer(config, 'train.batch_size', 1)
   if check_devices and _is_int(batch):
-    import jax  # the same count as train.train_and_evaluate's parallel.check_batch
-    n = jax.device_count()
+    n = jax.device_count()  # the same count as train.train_and_evaluate's parallel.check_batch
     if batch % n:
       _fail('train.batch_size', batch, f'a positive multiple of the number of devices ({n})')
   _integer(config, 'train.eval_batch_size', 1)
@@ -160,7 +165,6 @@ def _check_training(config, check_devices):
 
 
 def _check_maci_and_eval(config):
-  from cider_jax import masks
   _integer(config, 'maci.top_k', 0)
   _positive(config, 'maci.cv_threshold', strict=False)
   _positive(config, 'maci.train_tau', strict=False, what='a counterfactual strength')
@@ -176,12 +180,11 @@ def _check_maci_and_eval(config):
     if isinstance(modes, str):
       modes = (modes,)
     for i, mode in enumerate(modes):
-      if mode not in masks.TEST_MODES:
-        _fail(f'eval.modes[{i}]', mode, 'a missing mode: ' + ', '.join(masks.TEST_MODES))
-      if mode in masks.ALIGNED_ONLY_MODES and aligned is not _MISSING and not aligned:
-        _fail(f'eval.modes[{i}]', mode, 'a mode for unaligned data ('
-              + ', '.join(m for m in masks.TEST_MODES if m not in masks.ALIGNED_ONLY_MODES)
-              + f'); {mode} needs word-aligned data (data.aligned=True)')
+      try:
+        masks.check_mode(mode, aligned=aligned is _MISSING or bool(aligned))
+      except ValueError as e:
+        raise ConfigError(f'config.eval.modes[{i}] is {mode!r}: {e}', field=f'eval.modes[{i}]',
+                          value=mode) from None
   rates = _get(config, 'eval.rates')
   if rates is not _MISSING:
     if _is_number(rates):
@@ -199,8 +202,6 @@ def _check_maci_and_eval(config):
 def _check_data_paths(config):
   if _get(config, 'data.source') != 'mmsa' or _get(config, 'data') is _MISSING:
     return
-  from cider_jax.data import mmsa
-  from cider_jax.data.validate import DataError
   field = 'data.file' if _get(config, 'data.file') else 'data.dir'
   value = _get(config, field)
   kind = 'aligned' if _get(config, 'data.aligned', False) else 'unaligned'
@@ -243,9 +244,11 @@ def _check_text_encoder(config):
 
 # ------------------------------------------------------------------------------ entry points
 
-def validate(config, *, check_paths: bool = True, check_devices: bool = True) -> None:
+def validate(config, *, workdir=None, check_paths: bool = True,
+             check_devices: bool = True) -> None:
   """Raises ConfigError for the first impossible value of `config`; returns None otherwise.
 
+  workdir: also check that the run's workdir can be reached (`check_workdir`).
   check_paths: also require the files a run reads (MMSA pickles for data.source=mmsa, the
     text encoder folder unless it is a `package:` path); off for the dry run.
   check_devices: require train.batch_size to be a multiple of jax.device_count(); off for
@@ -258,11 +261,12 @@ def validate(config, *, check_paths: bool = True, check_devices: bool = True) ->
   if check_paths:
     _check_data_paths(config)
     _check_text_encoder(config)
+  if workdir is not None:
+    check_workdir(workdir)
 
 
 def check_workdir(workdir) -> None:
   """A URI workdir (gs://…) needs its fsspec filesystem: gcsfs for gs:// (requirements-gcs.txt)."""
-  import importlib.util
   workdir = str(workdir)
   if '://' not in workdir:
     return
@@ -279,7 +283,6 @@ def check_workdir(workdir) -> None:
 def parse_flags(argv):
   """absl flags parser (`app.run(main, flags_parser=parse_flags)`): as absl's own, but an
   override naming a field the config lacks prints one `error:` line and exits with code 2."""
-  from absl import app
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as e:

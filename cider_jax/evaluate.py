@@ -33,7 +33,7 @@ class EvaluationError(RuntimeError):
   pass
 
 
-def check_workdir(workdir) -> None:
+def check_trained_run(workdir) -> None:
   """A clear error unless `workdir` holds a training run's constants.npz."""
   if not epath.Path(workdir).is_dir():
     raise EvaluationError(f'workdir {workdir!r} does not exist: train first with '
@@ -50,7 +50,7 @@ def restore_best(config, workdir, train_split=None):
   without it, such a mismatch is an error.
   """
   from cider_jax import train
-  check_workdir(workdir)
+  check_trained_run(workdir)
   cpath = epath.Path(workdir) / 'constants.npz'
   ckpts = ckpt_lib.Checkpoints(workdir)
   meta = ckpts.read_meta('best')
@@ -245,17 +245,18 @@ def format_table(report) -> str:
 
 
 def evaluate(config, workdir: str) -> dict:
-  """Restore the best checkpoint of `workdir`, evaluate, write <workdir>/eval/, return report."""
-  for mode in config.eval.modes:
-    if mode not in masks.TEST_MODES:
-      raise EvaluationError(f'unknown missing mode {mode!r} in eval.modes; valid: '
-                            f'{", ".join(masks.TEST_MODES)}')
-    if mode in masks.ALIGNED_ONLY_MODES and not config.data.aligned:
-      raise EvaluationError(f'eval.modes has {mode}, which needs word-aligned data '
-                            '(data.aligned=True)')
-  configuration.validate(config, check_devices=False)
-  configuration.check_workdir(workdir)
-  check_workdir(workdir)
+  """Restore the best checkpoint of `workdir`, evaluate, write <workdir>/eval/, return report.
+
+  A configuration or workdir that cannot be used raises ConfigError (configuration.validate),
+  except a missing mode of eval.modes that the data cannot take: EvaluationError.
+  """
+  try:
+    configuration.validate(config, workdir=workdir, check_devices=False)
+  except configuration.ConfigError as e:
+    if e.field and e.field.startswith('eval.modes'):
+      raise EvaluationError(str(e)) from e
+    raise
+  check_trained_run(workdir)
   splits = pipeline.load_splits(config, workdir)
   model, params, consts, spec, meta = restore_best(config, workdir, splits['train'])
   print(f'evaluating the best checkpoint (epoch {meta.get("best_epoch")}, step '

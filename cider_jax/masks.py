@@ -23,7 +23,7 @@ import numpy as np
 from cider_jax import tokens
 
 TEST_MODES = ('RMFM', 'RMFM_same', 'RMM', 'TMFM', 'STMFM')
-ALIGNED_ONLY_MODES = ('TMFM', 'STMFM')
+ALIGNED_ONLY_MODES = ('TMFM', 'STMFM')  # one time mask shared by the three modalities
 
 # Specific-modality missing: `RMFM_same` rates (p_t, p_a, p_v) that keep only the named
 # modalities (L text, A audio, V vision), as in the original's evaluation script.
@@ -230,6 +230,17 @@ def _mode_rates(mode, rate):
   return tuple(_check_rate(p, f'rate[{i}]') for i, p in enumerate(rate))
 
 
+def check_mode(mode: str, aligned: bool) -> None:
+  """ValueError unless `mode` is a test mode usable on aligned / unaligned data."""
+  if mode not in TEST_MODES:
+    raise ValueError(f'unknown missing mode {mode!r}; valid modes: {", ".join(TEST_MODES)}')
+  if mode in ALIGNED_ONLY_MODES and not aligned:
+    unaligned = ', '.join(m for m in TEST_MODES if m not in ALIGNED_ONLY_MODES)
+    raise ValueError(f'missing mode {mode!r} needs word-aligned data (data.aligned=True): it '
+                     f'shares one time mask across text, audio and vision; modes for unaligned '
+                     f'data: {unaligned}')
+
+
 def test_keep(mode: str, rate: Union[float, Sequence[float]], text_mask, audio_mask, vision_mask,
               seed: int, aligned: bool, index: Optional[np.ndarray] = None):
   """Seeded keep masks of a test missing mode (REFERENCE §3), numpy.
@@ -271,11 +282,7 @@ def test_keep(mode: str, rate: Union[float, Sequence[float]], text_mask, audio_m
   Returns:
     (text_keep (B, L), audio_keep (B, La), vision_keep (B, Lv)), float32.
   """
-  if mode not in TEST_MODES:
-    raise ValueError(f'unknown missing mode {mode!r}; valid modes: {", ".join(TEST_MODES)}')
-  if mode in ALIGNED_ONLY_MODES and not aligned:
-    raise ValueError(f'missing mode {mode!r} needs word-aligned data (aligned=True): it shares '
-                     f'one time mask across text, audio and vision')
+  check_mode(mode, aligned)
   text_valid, audio_valid, vision_valid = (
       _valid_mask(name, m) for name, m in
       (('text_mask', text_mask), ('audio_mask', audio_mask), ('vision_mask', vision_mask)))

@@ -242,8 +242,7 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
   """Train (resuming from <workdir>/checkpoints/latest if present), then evaluate the best."""
   from tqdm import tqdm
   parallel.initialize(config.distributed)
-  configuration.validate(config)  # after initialize: it counts the devices
-  configuration.check_workdir(workdir)
+  configuration.validate(config, workdir=workdir)  # after initialize: it counts the devices
   parallel.enable_compilation_cache(config.train.compilation_cache)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   n_dev = jax.local_device_count()
