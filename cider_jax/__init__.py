@@ -3,5 +3,8 @@
 
 def predict(*args, **kwargs):
   """Class probabilities for new samples from a trained run (see cider_jax.inference)."""
-  from cider_jax.inference import predict as _predict
+  # Imported on first use: this file runs before any module of the package is imported, so an
+  # import here at the top would load the whole evaluation stack with `cider_jax.tokens` too,
+  # and close a cycle (cider_jax -> inference -> evaluate -> … -> modules of cider_jax).
+  from cider_jax.inference import predict as _predict  # pylint: disable=g-import-not-at-top
   return _predict(*args, **kwargs)

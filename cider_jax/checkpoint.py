@@ -15,7 +15,7 @@ import io
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
@@ -40,34 +40,49 @@ def _manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
 class Checkpoints:
   """The run's two checkpoint series. `latest` keeps 2 so a damaged newest one has a fallback."""
 
+  MAX_TO_KEEP = {'latest': 2, 'best': 1}
+
   def __init__(self, workdir: str):
     self.root = os.path.join(workdir, 'checkpoints')
-    self.latest = _manager(os.path.join(self.root, 'latest'), max_to_keep=2)
-    self.best = _manager(os.path.join(self.root, 'best'), max_to_keep=1)
+    self.latest = _manager(os.path.join(self.root, 'latest'), self.MAX_TO_KEEP['latest'])
+    self.best = _manager(os.path.join(self.root, 'best'), self.MAX_TO_KEEP['best'])
 
   def save(self, which: str, step: int, state, meta: dict):
-    mgr = self.latest if which == 'latest' else self.best
+    mgr = self._series(which)
     mgr.save(int(step), args=ocp.args.Composite(
         state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(meta)))
     mgr.wait_until_finished()
 
   def read_meta(self, which: str, step: Optional[int] = None) -> Optional[dict]:
-    mgr = self.latest if which == 'latest' else self.best
+    mgr = self._series(which)
     step = mgr.latest_step() if step is None else step
     if step is None:
       return None
     return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
-  def restore(self, which: str, abstract_state, config=None):
+  def restore(self, which: str, target, config=None, fields: Optional[Sequence[str]] = None):
     """(state, meta) of the newest readable checkpoint of a series, or None if it has none.
 
     A damaged newest checkpoint gives a warning and the previous one is used. A checkpoint
     made with another configuration (shapes, classes) raises CheckpointError naming it.
+
+    Args:
+      which: 'latest' or 'best'.
+      target: the TrainState to restore into: arrays (restored as such), or
+        jax.ShapeDtypeStructs (restored as numpy arrays), e.g. `jax.eval_shape` of its
+        construction, which allocates nothing.
+      config: the run's configuration, checked against the checkpoint's (ARCH_FIELDS).
+      fields: the TrainState fields to read, e.g. ('step', 'params'); None reads all. The
+        others are not read: their leaves come back as `ocp.PLACEHOLDER`.
     """
-    mgr = self.latest if which == 'latest' else self.best
-    steps = sorted(mgr.all_steps(), reverse=True)
+    if fields is None:
+      mgr, args = self._series(which), ocp.args.StandardRestore(target)
+    else:
+      # a manager of its own: the series' manager is bound to StandardRestore once it saved
+      mgr = _manager(os.path.join(self.root, which), self.MAX_TO_KEEP[which])
+      args = ocp.args.PyTreeRestore(_only(target, fields))
     errors = []
-    for step in steps:
+    for step in sorted(mgr.all_steps(), reverse=True):
       try:
         meta = self.read_meta(which, step)
       except Exception as e:  # truncated / corrupt
@@ -78,8 +93,7 @@ class Checkpoints:
       if config is not None:
         check_compatible(meta, config)
       try:
-        restored = mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))
+        restored = mgr.restore(step, args=ocp.args.Composite(state=args))
       except Exception as e:
         if _is_shape_error(e):
           raise CheckpointError(f'checkpoint {which}/{step} in {self.root} does not fit this '
@@ -92,6 +106,22 @@ class Checkpoints:
     if errors:
       raise CheckpointError(f'no readable {which} checkpoint in {self.root}: ' + '; '.join(errors))
     return None
+
+  def _series(self, which: str) -> ocp.CheckpointManager:
+    return self.latest if which == 'latest' else self.best
+
+
+def _only(state, fields):
+  """`state` (a TrainState) with the leaves of every field outside `fields` replaced by
+  placeholders, which orbax neither reads nor allocates."""
+  names = {f.name for f in dataclasses.fields(state)}
+  unknown = set(fields) - names
+  if unknown:
+    raise ValueError(f'fields {sorted(unknown)} are not fields of {type(state).__name__} '
+                     f'({", ".join(sorted(names))})')
+  skip = lambda tree: jax.tree.map(lambda _: ocp.PLACEHOLDER, tree)
+  return state.replace(**{name: skip(getattr(state, name)) for name in names
+                          if name not in fields})
 
 
 def _is_shape_error(e: Exception) -> bool:
@@ -138,6 +168,11 @@ def config_to_dict(config) -> dict:
 
 
 # ------------------------------------------------------------------------------ workdir files
+
+def is_writer() -> bool:
+  """Whether this process writes the workdir's files (checkpoints excepted): process 0."""
+  return jax.process_index() == 0
+
 
 def is_local(path) -> bool:
   """False for a URI such as gs://BUCKET/PATH, True for a path on this machine."""

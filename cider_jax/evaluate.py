@@ -17,6 +17,7 @@ import csv
 import io
 import json
 import time
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -24,13 +25,23 @@ from etils import epath
 
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import configuration
-from cider_jax import eval_step, masks, metrics, parallel
+from cider_jax import eval_step, masks, metrics, parallel, run_state
 from cider_jax import spec as spec_lib
 from cider_jax.data import pipeline
+from cider_jax.models.cider import CIDer
 
 
 class EvaluationError(RuntimeError):
   pass
+
+
+class BestCheckpoint(NamedTuple):
+  """What `restore_best` returns."""
+  model: CIDer
+  params: Any                 # numpy arrays
+  consts: dict                # the eval step's constants (run_state.eval_consts)
+  spec: spec_lib.ModelSpec
+  meta: dict                  # the checkpoint's meta, with its 'step'
 
 
 def check_trained_run(workdir) -> None:
@@ -43,15 +54,14 @@ def check_trained_run(workdir) -> None:
     raise EvaluationError(f'{cpath} is missing: {workdir!r} holds no finished training run')
 
 
-def restore_best(config, workdir, train_split=None):
-  """(model, params, eval constants, spec, meta) of the best checkpoint of a workdir.
+def restore_best(config, workdir, train_split=None) -> BestCheckpoint:
+  """The model, parameters and eval constants of the best checkpoint of a workdir.
 
-  With `train_split`, a bias vocabulary cached under other config.maci settings is recomputed;
+  Only the parameters (and step) are read: no optimizer state is built or allocated. With
+  `train_split`, a bias vocabulary cached under other config.maci settings is recomputed;
   without it, such a mismatch is an error.
   """
-  from cider_jax import train
   check_trained_run(workdir)
-  cpath = epath.Path(workdir) / 'constants.npz'
   ckpts = ckpt_lib.Checkpoints(workdir)
   meta = ckpts.read_meta('best')
   if meta is None:
@@ -60,21 +70,30 @@ def restore_best(config, workdir, train_split=None):
   ckpt_lib.check_compatible(meta, config)
   spec = ckpt_lib.spec_from_json(meta['spec'])
   bert_config = spec_lib.text_encoder_config(config)
+  special = run_state.special_tokens(config)
+  c = _run_constants(config, workdir, train_split, special)
+  vocab_size = bert_config.vocab_size
+  shapes = jax.eval_shape(lambda: run_state.train_consts(c, vocab_size, special))
+  restored = run_state.restore_params(ckpts, 'best', config, spec, bert_config, shapes)
+  return BestCheckpoint(restored.model, restored.params,
+                        run_state.eval_consts(c, vocab_size, spec.num_classes, special), spec,
+                        {**restored.meta, 'step': restored.step})
+
+
+def _run_constants(config, workdir, train_split, special) -> dict:
+  """The run's constants.npz, its bias vocabulary recomputed for other config.maci settings
+  from `train_split` (an error without it)."""
+  cpath = epath.Path(workdir) / 'constants.npz'
   c = ckpt_lib.read_npz(cpath)
   if train_split is not None:
-    c = train.with_bias_vocab(config, c, train_split)
-  elif 'maci_top_k' in c and not train.bias_vocab_matches(config, c):
+    return run_state.with_bias_vocab(config, c, train_split, special)
+  if 'maci_top_k' in c and not run_state.bias_vocab_matches(config, c):
     raise EvaluationError(f'{cpath} holds the bias vocabulary of maci.top_k='
                           f'{int(c["maci_top_k"])}, maci.cv_threshold='
                           f'{float(c["maci_cv_threshold"]):g}, the configuration asks for '
                           f'{config.maci.top_k}, {config.maci.cv_threshold:g}; evaluate with '
                           'the train split loaded (launch/evaluate.py) to recompute it')
-  model, _, _, state = train.init_state(config, spec, bert_config,
-                                        train.train_consts(c, bert_config.vocab_size))
-  state, meta = ckpts.restore('best', state, config)
-  meta = {**meta, 'step': int(state.step)}
-  consts = train.eval_consts(c, bert_config.vocab_size, spec.num_classes)
-  return model, state.params, consts, spec, meta
+  return c
 
 
 def _settings(config):
@@ -186,7 +205,7 @@ def _json_safe(x):
 def write_outputs(out_dir, report, rows, preds):
   """report.json, report.csv, predictions.npz and plots in out_dir (local or gs://), written
   by process 0 only (every process of a multi-host run holds the same predictions)."""
-  if jax.process_index() != 0:
+  if not ckpt_lib.is_writer():
     return
   out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
@@ -258,13 +277,13 @@ def evaluate(config, workdir: str) -> dict:
     raise
   check_trained_run(workdir)
   splits = pipeline.load_splits(config, workdir)
-  model, params, consts, spec, meta = restore_best(config, workdir, splits['train'])
-  print(f'evaluating the best checkpoint (epoch {meta.get("best_epoch")}, step '
-        f'{meta.get("step", "?")}) of {workdir}', flush=True)
-  preds = predict_all(config, model, params, consts, splits, spec)
+  best = restore_best(config, workdir, splits['train'])
+  print(f'evaluating the best checkpoint (epoch {best.meta.get("best_epoch")}, step '
+        f'{best.meta["step"]}) of {workdir}', flush=True)
+  preds = predict_all(config, best.model, best.params, best.consts, splits, best.spec)
   report, rows = build_report(config, preds)
-  report['checkpoint'] = {'best_epoch': meta.get('best_epoch'),
-                          'best_valid': meta.get('best')}
+  report['checkpoint'] = {'best_epoch': best.meta.get('best_epoch'),
+                          'best_valid': best.meta.get('best')}
   out_dir = epath.Path(workdir) / 'eval'
   write_outputs(out_dir, report, rows, preds)
   print(format_table(report), flush=True)

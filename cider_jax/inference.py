@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from cider_jax import checkpoint as ckpt_lib
-from cider_jax import eval_step
+from cider_jax import eval_step, evaluate
 from cider_jax.models import bert
 
 
@@ -36,7 +36,8 @@ def _frames(name, x, lengths, T, D):
 
 def predict(workdir: str, texts: Sequence[str], audio, vision, audio_lengths=None,
             vision_lengths=None, tau: Optional[float] = None) -> dict:
-  from cider_jax import evaluate
+  """See the module docstring. Only the best checkpoint's parameters are read (no optimizer
+  state is built)."""
   meta = ckpt_lib.Checkpoints(workdir).read_meta('best') if os.path.isdir(workdir) else None
   if meta is None:
     raise evaluate.EvaluationError(f'no best checkpoint under {workdir!r}')

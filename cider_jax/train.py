@@ -16,40 +16,21 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import configuration
-from cider_jax import counterfactual, eval_step, masks, metrics, optim, parallel
-from cider_jax import prototypes as proto_lib
+from cider_jax import eval_step, evaluate, masks, metrics, parallel, run_state
 from cider_jax import spec as spec_lib
 from cider_jax.data import pipeline
 from cider_jax.models import bert
-from cider_jax.models.cider import example_inputs
-from cider_jax.train_step import TrainState, make_train_step
+from cider_jax.train_step import make_train_step
 
 
 class TrainingError(RuntimeError):
   pass
-
-
-# ------------------------------------------------------------------------------ state
-
-def init_state(config, spec, bert_config, consts, encoder_params=None) -> TrainState:
-  """Fresh TrainState: random CIDer weights, the pretrained text encoder if given."""
-  model = spec_lib.build_model(config, spec, bert_config)
-  dims = (bert_config.hidden_size,) + tuple(spec.feature_dims)
-  rng = jax.random.PRNGKey(config.train.seed)
-  params = model.init(jax.random.fold_in(rng, 1), *example_inputs(2, spec.seq_lens, dims,
-                                                                  spec.num_classes))['params']
-  if encoder_params is not None:
-    params = dict(params, text_encoder=encoder_params)
-  tx, labels = optim.make_optimizer(config.optim, params, spec.aligned)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     rng=jax.random.fold_in(rng, 2), consts=consts)
-  return model, tx, labels, state
 
 
 def check_finite(step: int, scalars: dict, checkpoint_root) -> None:
@@ -62,96 +43,6 @@ def check_finite(step: int, scalars: dict, checkpoint_root) -> None:
       + ', '.join(f'{k}={v:.4g}' for k, v in terms.items())
       + f'; stopped, the last good checkpoint is kept in {checkpoint_root}/latest '
       '(lower optim.lr or set optim.grad_clip)')
-
-
-def _is_writer() -> bool:
-  """Whether this process writes the workdir's files (checkpoints excepted): process 0."""
-  return jax.process_index() == 0
-
-
-def constants(config, splits, spec, encoder, encoder_vars, workdir):
-  """Prototypes, prior and bias vocabulary of the train split, cached in <workdir>/constants.npz.
-
-  Every process computes them the same way (or reads the cache); process 0 writes the cache.
-  """
-  path = epath.Path(workdir) / 'constants.npz'
-  cached = path.exists()
-  if jax.process_count() > 1:
-    # every process has looked before process 0 may write: all read, or all compute
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices('cider_jax constants.npz')
-  if cached:
-    return with_bias_vocab(config, ckpt_lib.read_npz(path), splits['train'])
-  train = splits['train']
-  labels = train.labels(config.task)
-  t0 = time.time()
-  feats = proto_lib.sample_features(encoder, encoder_vars, train)
-  cls_feats, prior = proto_lib.class_prototypes(feats, labels, spec.num_classes)
-  out = {'cls_feats': cls_feats, 'prior': prior, **_bias_vocab(config, train)}
-  vocab = out['bias_vocab']
-  if _is_writer():
-    ckpt_lib.write_npz(path, out)
-  print(f'prototypes, prior and {len(vocab)} bias words from {len(labels)} train samples '
-        f'({time.time() - t0:.1f} s) -> {path}', flush=True)
-  return out
-
-
-def _maci_settings(config) -> dict:
-  return {'maci_top_k': np.asarray(config.maci.top_k, np.int64),
-          'maci_cv_threshold': np.asarray(config.maci.cv_threshold, np.float32)}
-
-
-def _bias_vocab(config, train_split) -> dict:
-  """{'bias_vocab', 'maci_top_k', 'maci_cv_threshold'} of the train split under config.maci."""
-  vocab = counterfactual.bias_vocabulary(train_split.text_ids, train_split.labels(config.task),
-                                         config.task, top_k=config.maci.top_k,
-                                         cv_threshold=config.maci.cv_threshold)
-  return {'bias_vocab': np.asarray(vocab, np.int32), **_maci_settings(config)}
-
-
-def bias_vocab_matches(config, c) -> bool:
-  """Whether cached constants `c` hold the bias vocabulary of config.maci (top_k, cv_threshold)."""
-  want = _maci_settings(config)
-  return all(k in c and np.array_equal(np.asarray(c[k]), want[k]) for k in want)
-
-
-def with_bias_vocab(config, c, train_split) -> dict:
-  """Cached constants `c`, their bias vocabulary recomputed when config.maci differs from the
-  settings it was built with (the vocabulary depends on the train split and config.maci only;
-  the model does not, so a different maci.top_k / cv_threshold is legitimate at evaluation)."""
-  if bias_vocab_matches(config, c):
-    return c
-  old = (f'top_k={int(c["maci_top_k"])}, cv_threshold={float(c["maci_cv_threshold"]):g}'
-         if 'maci_top_k' in c and 'maci_cv_threshold' in c else 'unrecorded settings')
-  c = {**c, **_bias_vocab(config, train_split)}
-  print(f'bias vocabulary recomputed for maci.top_k={config.maci.top_k}, '
-        f'maci.cv_threshold={config.maci.cv_threshold:g} (constants.npz has {old}): '
-        f'{len(c["bias_vocab"])} bias words', flush=True)
-  return c
-
-
-def train_consts(c, vocab_size):
-  return {'cls_feats': jnp.asarray(c['cls_feats']), 'cls_probs': jnp.asarray(c['prior']),
-          'bias_table': counterfactual.bias_lookup_table(c['bias_vocab'], vocab_size)}
-
-
-def eval_consts(c, vocab_size, num_classes):
-  feats, prior = proto_lib.eval_constants(c['cls_feats'], num_classes)
-  return {'cls_feats': feats, 'cls_probs': prior,
-          'bias_table': counterfactual.bias_lookup_table(c['bias_vocab'], vocab_size)}
-
-
-def check_token_ids(splits, vocab_size: int) -> None:
-  """Token ids must index the text encoder's vocabulary (checked before any compilation)."""
-  from cider_jax.data.validate import DataError
-  for name, split in splits.items():
-    bad = np.argwhere(split.text_ids >= vocab_size)
-    if bad.size:
-      i, j = bad[0]
-      raise DataError(f'split {name!r}, field text_bert (token ids), example {i}: id '
-                      f'{split.text_ids[i, j]} at position {j} is beyond the text encoder\'s '
-                      f'vocabulary of {vocab_size}; was the text tokenised for another BERT?',
-                      split=name, field='text_bert', index=int(i))
 
 
 # ------------------------------------------------------------------------------ validation
@@ -205,7 +96,7 @@ class MetricsLog:
 
   def __init__(self, path):
     self.path = epath.Path(path)
-    self.enabled = _is_writer()
+    self.enabled = ckpt_lib.is_writer()
     self._local = ckpt_lib.is_local(path)
     self._pending = []
 
@@ -240,7 +131,6 @@ def _scalar_metrics(m):
 
 def train_and_evaluate(config, workdir: str) -> Optional[dict]:
   """Train (resuming from <workdir>/checkpoints/latest if present), then evaluate the best."""
-  from tqdm import tqdm
   parallel.initialize(config.distributed)
   configuration.validate(config, workdir=workdir)  # after initialize: it counts the devices
   parallel.enable_compilation_cache(config.train.compilation_cache)
@@ -252,14 +142,15 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
   splits = pipeline.load_splits(config, workdir)
   spec = spec_lib.spec_from_split(splits['train'], config)
   bert_config = spec_lib.text_encoder_config(config)
-  check_token_ids(splits, bert_config.vocab_size)
+  run_state.check_token_ids(splits, bert_config.vocab_size)
+  special = run_state.special_tokens(config)
   encoder, encoder_vars = bert.load_pretrained(config.model.text_encoder.path,
                                                config.model.text_encoder.num_layers)
-  c = constants(config, splits, spec, encoder, encoder_vars, workdir)
-  t_consts = train_consts(c, bert_config.vocab_size)
-  e_consts = eval_consts(c, bert_config.vocab_size, spec.num_classes)
-  model, tx, labels, state = init_state(config, spec, bert_config, t_consts,
-                                        encoder_vars['params'])
+  c = run_state.constants(config, splits, spec, encoder, encoder_vars, workdir, special)
+  t_consts = run_state.train_consts(c, bert_config.vocab_size, special)
+  e_consts = run_state.eval_consts(c, bert_config.vocab_size, spec.num_classes, special)
+  model, tx, labels, state = run_state.init_state(config, spec, bert_config, t_consts,
+                                                  encoder_vars['params'])
   del encoder_vars
 
   ckpts = ckpt_lib.Checkpoints(workdir)
@@ -351,13 +242,12 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
       if improved:
         ckpts.save('best', step, host_state, save_meta())
       ckpts.save('latest', step, host_state, save_meta())
-  if _is_writer():
+  if ckpt_lib.is_writer():
     _plot_curves(log.path, epath.Path(workdir) / 'training_curves.png')
   if stop.requested:
     print('stopped on request; run the same command again to resume', flush=True)
     return None
   if config.train.evaluate_at_end:
-    from cider_jax import evaluate
     return evaluate.evaluate(config, workdir)
   return None
 

@@ -113,7 +113,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import jax
   import numpy as np
-  from cider_jax import counterfactual, parallel, train
+  from cider_jax import counterfactual, parallel, run_state
   from cider_jax.models.bert import BertConfig
   from cider_jax.spec import ModelSpec
   from cider_jax.train_step import train_step
@@ -130,7 +130,7 @@ def main(argv):
   consts = {'cls_feats': rng.randn(3, _HIDDEN.value + 25).astype(np.float32),
             'cls_probs': np.full((3,), 1 / 3, np.float32),
             'bias_table': counterfactual.bias_lookup_table(np.arange(1000, 1100), 30522)}
-  model, tx, labels, state = train.init_state(config, spec, bert_config, consts)
+  model, tx, labels, state = run_state.init_state(config, spec, bert_config, consts)
   B, (L, La, Lv) = _BATCH.value, lens
   lengths = rng.randint(L // 2, L + 1, size=B)
   tm = (np.arange(L)[None] < lengths[:, None]).astype(np.float32)

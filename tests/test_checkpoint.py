@@ -4,16 +4,17 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from cider_jax import checkpoint as ckpt_lib
-from cider_jax import train
+from cider_jax import run_state
 from tests.helpers import tiny
 
 
 @pytest.fixture(scope='module')
 def state():
-  return train.init_state(tiny.config(), tiny.SPEC, tiny.TINY_BERT, tiny.consts())[3]
+  return run_state.init_state(tiny.config(), tiny.SPEC, tiny.TINY_BERT, tiny.consts())[3]
 
 
 def _meta(config, step):
@@ -81,3 +82,28 @@ def test_save_killed_midway_leaves_no_checkpoint(tmp_path, state, capsys):
   restored, meta = fresh.restore('latest', state, config)
   assert int(restored.step) == 5 and meta['epoch'] == 5
   assert 'unreadable' not in capsys.readouterr().err
+
+
+def test_params_only_restore_matches_the_full_restore(tmp_path, state):
+  """Evaluation's restore reads the parameters (and step) into an abstract target: the same
+  arrays as a full restore, no optimizer state read, no device array allocated."""
+  config = tiny.config()
+  ckpt_lib.Checkpoints(str(tmp_path)).save('best', 3, state.replace(step=state.step + 3),
+                                           _meta(config, 3))
+  full, _ = ckpt_lib.Checkpoints(str(tmp_path)).restore('best', state, config)
+  consts = jax.eval_shape(tiny.consts)
+  _, target = run_state.abstract_state(config, tiny.SPEC, tiny.TINY_BERT, consts)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(target))
+  live = len(jax.live_arrays())
+  restored = run_state.restore_params(ckpt_lib.Checkpoints(str(tmp_path)), 'best', config,
+                                      tiny.SPEC, tiny.TINY_BERT, consts)
+  assert len(jax.live_arrays()) == live
+  assert restored.step == int(full.step) == 3
+  assert jax.tree.structure(restored.params) == jax.tree.structure(full.params)
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(full.params)):
+    assert a.dtype == b.dtype
+    np.testing.assert_array_equal(a, b)
+  partial, _ = ckpt_lib.Checkpoints(str(tmp_path)).restore('best', target, config,
+                                                           fields=('step', 'params'))
+  skipped = jax.tree.leaves((partial.opt_state, partial.rng, partial.consts))
+  assert skipped and all(x is ocp.PLACEHOLDER for x in skipped)

@@ -223,7 +223,7 @@ class _TrainSplit:
 
 
 def test_cached_bias_vocab_is_recomputed_for_other_maci_settings(capsys):
-  from cider_jax import train
+  from cider_jax import run_state
   from configs import quickstart
   # word 1000 only in positives (cv = sqrt(2)/... large), word 2000 evenly split (cv 0)
   ids = np.array([[101, 1000, 2000, 102], [101, 1000, 2000, 102],
@@ -235,13 +235,13 @@ def test_cached_bias_vocab_is_recomputed_for_other_maci_settings(capsys):
             'bias_vocab': np.array([1000, 3000], np.int32),
             'maci_top_k': np.asarray(10, np.int64),
             'maci_cv_threshold': np.asarray(0.1, np.float32)}
-  assert train.bias_vocab_matches(config, cached)
-  assert train.with_bias_vocab(config, cached, split) is cached  # same settings: the cache
+  assert run_state.bias_vocab_matches(config, cached)
+  assert run_state.with_bias_vocab(config, cached, split) is cached  # same settings: the cache
   config.maci.top_k = 1
-  got = train.with_bias_vocab(config, cached, split)
+  got = run_state.with_bias_vocab(config, cached, split)
   assert got['bias_vocab'].tolist() == [1000]  # 1000 and 3000 tie on count; first seen wins
   assert int(got['maci_top_k']) == 1 and got['cls_feats'] is cached['cls_feats']
   assert 'recomputed for maci.top_k=1' in capsys.readouterr().out
   legacy = {k: v for k, v in cached.items() if not k.startswith('maci_')}
-  assert not train.bias_vocab_matches(config, legacy)  # unrecorded settings are not trusted
-  assert train.with_bias_vocab(config, legacy, split)['bias_vocab'].tolist() == [1000]
+  assert not run_state.bias_vocab_matches(config, legacy)  # unrecorded settings are not trusted
+  assert run_state.with_bias_vocab(config, legacy, split)['bias_vocab'].tolist() == [1000]

@@ -8,7 +8,7 @@ import pytest
 from configs import quickstart
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import evaluate as eval_lib
-from cider_jax import metrics, spec as spec_lib, tokens, train
+from cider_jax import metrics, run_state, spec as spec_lib, tokens
 from cider_jax.data import pipeline
 
 
@@ -41,8 +41,8 @@ def run(tmp_path_factory):
        'prior': np.array([0.4, 0.2, 0.4], np.float32),
        'bias_vocab': np.unique(splits['train'].text_ids[:, 1:4]).astype(np.int32)}
   np.savez(os.path.join(workdir, 'constants.npz'), **c)
-  _, _, _, state = train.init_state(config, spec, bert_config,
-                                    train.train_consts(c, bert_config.vocab_size))
+  _, _, _, state = run_state.init_state(config, spec, bert_config,
+                                        run_state.train_consts(c, bert_config.vocab_size))
   meta = {'epoch': 1, 'best': 0.5, 'best_epoch': 1, 'config': ckpt_lib.config_to_dict(config),
           'spec': ckpt_lib.spec_to_json(spec)}
   ckpt_lib.Checkpoints(workdir).save('best', 1, state, meta)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from cider_jax import train
+from cider_jax import run_state
 from cider_jax.train_step import make_train_step
 from tests.helpers import hlo, tiny
 
@@ -79,7 +79,7 @@ def test_row_wise_embedding_update_on_four_devices_equals_the_dense_one(runs):
   _assert_same_losses(four, dense, tol=1e-6)
   np.testing.assert_allclose(four['table'], dense['table'], rtol=0, atol=1e-7)
   # the table did move: 10 Adam updates of ≈ lr = 5e-5 each
-  initial = train.init_state(tiny.config(), tiny.SPEC, tiny.TINY_BERT, tiny.consts())[3]
+  initial = run_state.init_state(tiny.config(), tiny.SPEC, tiny.TINY_BERT, tiny.consts())[3]
   table0 = jax.device_get(initial.params['text_encoder']['embeddings']['word_embeddings'][
       'embedding'])
   assert np.abs(np.asarray(dense['table']) - table0).max() > 1e-4
@@ -110,7 +110,7 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
 
 
 def _one_step(config, seed=0):
-  model, tx, labels, state = train.init_state(config, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
+  model, tx, labels, state = run_state.init_state(config, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
   before = jax.device_get(state)
   step = make_train_step(model, tx, labels, config, axis_name=None)
   new_state, metrics = step(state, tiny.batch(4, seed))
@@ -177,7 +177,7 @@ def test_counterfactual_metrics_in_the_step(one_step):
 
 
 def _steps(config, n=3):
-  model, tx, labels, state = train.init_state(config, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
+  model, tx, labels, state = run_state.init_state(config, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
   from cider_jax.train_step import train_step
   step = jax.jit(lambda s, b: train_step(s, b, model=model, tx=tx, labels=labels, config=config,
                                          axis_name=None, return_grads=True))
@@ -235,7 +235,7 @@ def test_native_adam_updates_run_in_place(axis_name):
   remains are a few bias vectors, ≈ 0.4 %)."""
   c = tiny.config()
   c.train.counterfactual_metrics = True
-  model, tx, labels, state = train.init_state(c, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
+  model, tx, labels, state = run_state.init_state(c, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
   assert model.kernels == 'native'
   step = make_train_step(model, tx, labels, c, axis_name=axis_name)
   b = tiny.batch(8)

@@ -19,7 +19,7 @@ from etils.epath import gpath, testing
 
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import evaluate as eval_lib
-from cider_jax import train
+from cider_jax import run_state, train
 from tests.helpers import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,16 +113,16 @@ def test_constants_written_by_process_0_only_and_read_back(gcs, process, monkeyp
     computed.append(1)
     return np.random.RandomState(0).randn(len(split.text_ids), 73).astype(np.float32)
 
-  monkeypatch.setattr(train.proto_lib, 'sample_features', features)
+  monkeypatch.setattr(run_state.proto_lib, 'sample_features', features)
   config, splits, workdir = tiny.config(), {'train': _fake_train_split()}, 'gs://bucket/run'
   target = store / 'bucket/run/constants.npz'
   process(1)
-  c1 = train.constants(config, splits, tiny.SPEC, None, None, workdir)
+  c1 = run_state.constants(config, splits, tiny.SPEC, None, None, workdir)
   assert len(computed) == 1 and not target.exists()
   process(0)
-  c0 = train.constants(config, splits, tiny.SPEC, None, None, workdir)
+  c0 = run_state.constants(config, splits, tiny.SPEC, None, None, workdir)
   assert len(computed) == 2 and target.exists()
-  cached = train.constants(config, splits, tiny.SPEC, None, None, workdir)
+  cached = run_state.constants(config, splits, tiny.SPEC, None, None, workdir)
   assert len(computed) == 2  # read from gs://bucket/run/constants.npz, not recomputed
   for c in (c1, cached):
     assert c.keys() == {'cls_feats', 'prior', 'bias_vocab', 'maci_top_k', 'maci_cv_threshold'}

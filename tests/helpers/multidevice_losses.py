@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import jax  # noqa: E402
 
-from cider_jax import parallel, train  # noqa: E402
+from cider_jax import parallel, run_state  # noqa: E402
 from tests.helpers import tiny  # noqa: E402
 
 
@@ -23,7 +23,7 @@ def main():
   config = tiny.config(batch_size=global_batch)
   config.optim.embedding_rows = sys.argv[2:] != ['dense']
   parallel.check_batch(global_batch, n)
-  model, tx, labels, state = train.init_state(config, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
+  model, tx, labels, state = run_state.init_state(config, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
   from cider_jax.train_step import make_train_step
   step = make_train_step(model, tx, labels, config, axis_name='batch')
   r = parallel.replicate(state)

@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cider_jax import parallel, train  # noqa: E402
+from cider_jax import parallel, run_state  # noqa: E402
 from tests.helpers import tiny  # noqa: E402
 
 
@@ -28,7 +28,7 @@ def main():
   n_local, n_global = jax.local_device_count(), jax.device_count()
   config = tiny.config(batch_size=global_batch)
   parallel.check_batch(global_batch, n_global)
-  model, tx, labels, state = train.init_state(config, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
+  model, tx, labels, state = run_state.init_state(config, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
   from cider_jax.train_step import make_train_step
   step = make_train_step(model, tx, labels, config, axis_name='batch')
   r = parallel.replicate(state)
