@@ -12,7 +12,29 @@ iff u > r, i.e. with probability 1/2. Randomness comes from per-example keys,
 so a mask depends only on (base_key, step, global example index): not on the number of
 devices nor on how the batch is split among them.
 
-Test modes (numpy, seeded): see `test_keep`.
+Test modes (numpy, seeded: `test_keep`), p the missing rate; a position is kept iff its
+uniform u > p:
+  RMFM       one rate for every position of every modality.
+  RMFM_same  one rate per modality: `rate` is (p_t, p_a, p_v), or a scalar p meaning
+             (p, p, p) as the original's evaluation script does (`[mr, mr, mr]`). With a
+             rate of 1 on some modalities this is specific-modality missing
+             (SPECIFIC_MODALITY_RATES). At equal rates it has the same distribution as
+             RMFM (both draw every position independently); the draws differ.
+  RMM        each modality of an example dropped whole with probability p (a triple
+             (p_t, p_a, p_v) is accepted too); dropped text keeps only [CLS]/[SEP].
+  TMFM       (aligned only) one time mask, drawn on the text positions, shared by all three.
+  STMFM      (aligned only) one contiguous block of round((len-2)·p) positions (numpy's
+             round-half-to-even, as the original) starting at a uniformly drawn position in
+             [1, len-1-block], shared by all three modalities.
+[CLS]/[SEP] are always kept (for TMFM/STMFM the shared mask, so audio/vision keep those time
+steps too, as in the original); keep masks are 0 on invalid positions. Rate 0 keeps every
+valid position.
+
+Determinism: every test mask of an example is a pure function of (seed, mode, index[b],
+modality, position) and the rate, so it does not depend on batch size, batch composition or
+padding, and is the same for every model. The random numbers do not depend on the rate, so
+masks are nested across rates (a position dropped at p is dropped at every p' > p; STMFM
+excepted), like the original, which reseeds with the same seed for every rate.
 """
 from typing import Optional, Sequence, Tuple, Union
 
@@ -243,34 +265,11 @@ def check_mode(mode: str, aligned: bool) -> None:
 
 def test_keep(mode: str, rate: Union[float, Sequence[float]], text_mask, audio_mask, vision_mask,
               seed: int, aligned: bool, index: Optional[np.ndarray] = None):
-  """Seeded keep masks of a test missing mode (REFERENCE §3), numpy.
-
-  Modes (p the missing rate; a position is kept iff its uniform u > p):
-    RMFM       one rate for every position of every modality.
-    RMFM_same  one rate per modality: `rate` is (p_t, p_a, p_v), or a scalar p meaning
-               (p, p, p) as the original's evaluation script does (`[mr, mr, mr]`). With a
-               rate of 1 on some modalities this is specific-modality missing
-               (SPECIFIC_MODALITY_RATES). At equal rates it has the same distribution as
-               RMFM (both draw every position independently); the draws differ.
-    RMM        each modality of an example dropped whole with probability p (a triple
-               (p_t, p_a, p_v) is accepted too); dropped text keeps only [CLS]/[SEP].
-    TMFM       (aligned only) one time mask, drawn on the text positions, shared by all three.
-    STMFM      (aligned only) one contiguous block of round((len-2)·p) positions (numpy's
-               round-half-to-even, as the original) starting at a uniformly drawn position in
-               [1, len-1-block], shared by all three modalities.
-  [CLS]/[SEP] are always kept (for TMFM/STMFM the shared mask, so audio/vision keep those time
-  steps too, as in the original); keep masks are 0 on invalid positions. Rate 0 keeps every
-  valid position.
-
-  Determinism: every mask of an example is a pure function of (seed, mode, index[b], modality,
-  position) and the rate, so it does not depend on batch size, batch composition or padding,
-  and is the same for every model. The random numbers do not depend on the rate, so masks are
-  nested across rates (a position dropped at p is dropped at every p' > p; STMFM excepted),
-  like the original, which reseeds with the same seed for every rate.
+  """Seeded keep masks of a test missing mode (see the module docstring), numpy.
 
   Args:
     mode: one of TEST_MODES.
-    rate: missing rate in [0, 1] (or a triple, see above).
+    rate: missing rate in [0, 1], or a triple (p_text, p_audio, p_vision) for RMFM_same / RMM.
     text_mask (B, L), audio_mask (B, La), vision_mask (B, Lv): validity masks (1 = valid);
       text length = sum of text_mask, [SEP] at len-1.
     seed: int mask seed (eval.seed).
@@ -283,44 +282,14 @@ def test_keep(mode: str, rate: Union[float, Sequence[float]], text_mask, audio_m
     (text_keep (B, L), audio_keep (B, La), vision_keep (B, Lv)), float32.
   """
   check_mode(mode, aligned)
-  text_valid, audio_valid, vision_valid = (
-      _valid_mask(name, m) for name, m in
-      (('text_mask', text_mask), ('audio_mask', audio_mask), ('vision_mask', vision_mask)))
-  batch = text_valid.shape[0]
-  if audio_valid.shape[0] != batch or vision_valid.shape[0] != batch:
-    raise ValueError(f'masks disagree on the batch size: text {text_valid.shape}, audio '
-                     f'{audio_valid.shape}, vision {vision_valid.shape}')
-  index = np.arange(batch) if index is None else np.asarray(index)
-  if index.shape != (batch,) or not np.issubdtype(index.dtype, np.integer) or (
-      batch and index.min() < 0) or (batch and index.max() >= 2**40):
-    raise ValueError(f'index: expected ({batch},) integers in [0, 2**40), got shape '
-                     f'{index.shape}, dtype {index.dtype}')
-  p_t, p_a, p_v = _mode_rates(mode, rate)
-  num_text = text_valid.shape[1]
-
-  def draw(stream, length):
-    return _uniforms(seed, mode, index, stream, length)
-
-  if mode in ('RMFM', 'RMFM_same'):
-    text = draw(_TEXT, num_text) > p_t
-    audio = draw(_AUDIO, audio_valid.shape[1]) > p_a
-    vision = draw(_VISION, vision_valid.shape[1]) > p_v
-  elif mode == 'RMM':
-    kept = draw(_MODALITY, 3) > np.asarray([p_t, p_a, p_v])
-    text = np.broadcast_to(kept[:, :1], text_valid.shape)
-    audio = np.broadcast_to(kept[:, 1:2], audio_valid.shape)
-    vision = np.broadcast_to(kept[:, 2:], vision_valid.shape)
-  else:
-    if audio_valid.shape[1] != num_text or vision_valid.shape[1] != num_text:
-      raise ValueError(f'mode {mode!r} needs aligned sequences of equal length, got text '
-                       f'{num_text}, audio {audio_valid.shape[1]}, vision {vision_valid.shape[1]}')
-    if mode == 'TMFM':
-      shared = draw(_SHARED, num_text) > p_t
-    else:
-      shared = _stmfm_keep(draw(_BLOCK, 1)[:, 0], text_valid, p_t)
-    shared = _force_cls_sep(shared.astype(np.float32), text_valid, np)
-    text = audio = vision = shared > 0
-
+  valid = tuple(_valid_mask(name, m) for name, m in
+                (('text_mask', text_mask), ('audio_mask', audio_mask),
+                 ('vision_mask', vision_mask)))
+  index = _example_index(index, valid)
+  rates = _mode_rates(mode, rate)
+  text, audio, vision = _mode_draws(mode, rates, valid,
+                                    lambda stream, n: _uniforms(seed, mode, index, stream, n))
+  text_valid, audio_valid, vision_valid = valid
   text_keep = _force_cls_sep((text & text_valid).astype(np.float32), text_valid, np)
   return (text_keep, (audio & audio_valid).astype(np.float32),
           (vision & vision_valid).astype(np.float32))
@@ -348,3 +317,46 @@ def _valid_mask(name, mask):
   if mask.shape[1] >= 2**16:
     raise ValueError(f'{name}: sequences longer than 65535 positions are not supported')
   return mask > 0
+
+
+def _example_index(index, valid):
+  """(B,) example indices (default arange(B)) after checking the masks agree on B."""
+  text_valid, audio_valid, vision_valid = valid
+  batch = text_valid.shape[0]
+  if audio_valid.shape[0] != batch or vision_valid.shape[0] != batch:
+    raise ValueError(f'masks disagree on the batch size: text {text_valid.shape}, audio '
+                     f'{audio_valid.shape}, vision {vision_valid.shape}')
+  index = np.arange(batch) if index is None else np.asarray(index)
+  if index.shape != (batch,) or not np.issubdtype(index.dtype, np.integer) or (
+      batch and index.min() < 0) or (batch and index.max() >= 2**40):
+    raise ValueError(f'index: expected ({batch},) integers in [0, 2**40), got shape '
+                     f'{index.shape}, dtype {index.dtype}')
+  return index
+
+
+def _mode_draws(mode, rates, valid, draw):
+  """(text, audio, vision) bool keeps of a mode before the validity masks and [CLS]/[SEP].
+
+  rates: (p_t, p_a, p_v); valid: the three (B, T) bool validity masks; draw(stream, length):
+  (B, length) uniforms of a stream.
+  """
+  p_t, p_a, p_v = rates
+  text_valid, audio_valid, vision_valid = valid
+  num_text = text_valid.shape[1]
+  if mode in ('RMFM', 'RMFM_same'):
+    return (draw(_TEXT, num_text) > p_t, draw(_AUDIO, audio_valid.shape[1]) > p_a,
+            draw(_VISION, vision_valid.shape[1]) > p_v)
+  if mode == 'RMM':
+    kept = draw(_MODALITY, 3) > np.asarray([p_t, p_a, p_v])
+    return (np.broadcast_to(kept[:, :1], text_valid.shape),
+            np.broadcast_to(kept[:, 1:2], audio_valid.shape),
+            np.broadcast_to(kept[:, 2:], vision_valid.shape))
+  if audio_valid.shape[1] != num_text or vision_valid.shape[1] != num_text:
+    raise ValueError(f'mode {mode!r} needs aligned sequences of equal length, got text '
+                     f'{num_text}, audio {audio_valid.shape[1]}, vision {vision_valid.shape[1]}')
+  if mode == 'TMFM':
+    shared = draw(_SHARED, num_text) > p_t
+  else:
+    shared = _stmfm_keep(draw(_BLOCK, 1)[:, 0], text_valid, p_t)
+  shared = _force_cls_sep(shared.astype(np.float32), text_valid, np) > 0
+  return shared, shared, shared

@@ -9,11 +9,12 @@ The workdir may be a Cloud Storage URI (gs://BUCKET/PATH): its files go through 
 In a multi-host run every process trains and saves checkpoints (orbax coordinates them); only
 process 0 writes metrics.jsonl, the plot and constants.npz.
 """
+import dataclasses
 import json
 import signal
 import sys
 import time
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -129,16 +130,53 @@ def _scalar_metrics(m):
           if k not in ('logp_cf', 'grads')}
 
 
+@dataclasses.dataclass
+class _Run:
+  """What the epochs of a run share; `meta` (epoch, early stopping, iterator) changes."""
+  config: Any
+  splits: dict
+  ckpts: ckpt_lib.Checkpoints
+  meta: dict
+  save_meta: Callable[[], dict]   # meta and what a checkpoint's JSON records besides
+  iterator: Any
+  steps_per_epoch: int
+  p_step: Callable
+  p_eval: Callable
+  r_eval_consts: Any              # replicated over the local devices
+  log: MetricsLog
+
+
 def train_and_evaluate(config, workdir: str) -> Optional[dict]:
   """Train (resuming from <workdir>/checkpoints/latest if present), then evaluate the best."""
   parallel.initialize(config.distributed)
   configuration.validate(config, workdir=workdir)  # after initialize: it counts the devices
   parallel.enable_compilation_cache(config.train.compilation_cache)
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  n_dev = jax.local_device_count()
   parallel.check_batch(config.train.batch_size, jax.device_count())
-  local_batch = config.train.batch_size // jax.process_count()
+  run, r_state = _start(config, workdir)
+  with _Stop() as stop, run.log:
+    while (not run.meta['done'] and run.meta['epoch'] < config.train.num_epochs
+           and not stop.requested):
+      t0 = time.time()
+      r_state, step, position = _train_epoch(run, r_state, stop)
+      if stop.requested and position != 0:
+        run.ckpts.save('latest', step, parallel.unreplicate(r_state), run.save_meta())
+        print(f'saved step {step} (mid-epoch); run the same command again to resume', flush=True)
+        return None
+      _end_epoch(run, r_state, step, t0)
+  if ckpt_lib.is_writer():
+    _plot_curves(run.log.path, epath.Path(workdir) / 'training_curves.png')
+  if stop.requested:
+    print('stopped on request; run the same command again to resume', flush=True)
+    return None
+  if config.train.evaluate_at_end:
+    return evaluate.evaluate(config, workdir)
+  return None
 
+
+def _start(config, workdir):
+  """(_Run, replicated TrainState): the data, constants and fresh state of a run, resumed from
+  <workdir>/checkpoints/latest when it has one."""
   splits = pipeline.load_splits(config, workdir)
   spec = spec_lib.spec_from_split(splits['train'], config)
   bert_config = spec_lib.text_encoder_config(config)
@@ -147,24 +185,13 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
   encoder, encoder_vars = bert.load_pretrained(config.model.text_encoder.path,
                                                config.model.text_encoder.num_layers)
   c = run_state.constants(config, splits, spec, encoder, encoder_vars, workdir, special)
-  t_consts = run_state.train_consts(c, bert_config.vocab_size, special)
-  e_consts = run_state.eval_consts(c, bert_config.vocab_size, spec.num_classes, special)
-  model, tx, labels, state = run_state.init_state(config, spec, bert_config, t_consts,
-                                                  encoder_vars['params'])
+  model, tx, labels, state = run_state.init_state(
+      config, spec, bert_config, run_state.train_consts(c, bert_config.vocab_size, special),
+      encoder_vars['params'])
   del encoder_vars
-
   ckpts = ckpt_lib.Checkpoints(workdir)
-  meta = {'epoch': 0, 'best': None, 'best_epoch': None, 'bad_epochs': 0, 'iterator': None,
-          'done': False}
-  restored = ckpts.restore('latest', state, config)
-  if restored is not None:
-    state, saved = restored
-    meta.update({k: saved[k] for k in meta if k in saved})
-    print(f'resumed from {ckpts.root}/latest at step {int(state.step)}, epoch {meta["epoch"]}',
-          flush=True)
-
-  log = MetricsLog(epath.Path(workdir) / 'metrics.jsonl')
-  main = metrics.main_metric(config.task)
+  state, meta = _resume(ckpts, state, config)
+  local_batch = config.train.batch_size // jax.process_count()
   steps_per_epoch = pipeline.steps_per_epoch(splits['train'], local_batch)
   if steps_per_epoch == 0:
     raise TrainingError(f'the train split has {len(splits["train"].label3)} examples, fewer '
@@ -173,83 +200,96 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
                                task=config.task, shard=parallel.process_shard_options())
   if meta['iterator'] is not None:
     pipeline.set_iterator_state(it, meta['iterator'])
-
-  p_step = make_train_step(model, tx, labels, config, axis_name='batch')
-  p_eval = eval_step.make_eval_step(model, axis_name='batch')
-  r_state = parallel.replicate(state)
-  r_econsts = parallel.replicate(e_consts)
-  del state
-  max_steps = config.train.max_steps
   save_meta = lambda: dict(meta, config=ckpt_lib.config_to_dict(config),
                            spec=ckpt_lib.spec_to_json(spec),
                            bias_vocab=np.asarray(c['bias_vocab']).tolist())
+  e_consts = run_state.eval_consts(c, bert_config.vocab_size, spec.num_classes, special)
+  run = _Run(config=config, splits=splits, ckpts=ckpts, meta=meta, save_meta=save_meta,
+             iterator=it, steps_per_epoch=steps_per_epoch,
+             p_step=make_train_step(model, tx, labels, config, axis_name='batch'),
+             p_eval=eval_step.make_eval_step(model, axis_name='batch'),
+             r_eval_consts=parallel.replicate(e_consts),
+             log=MetricsLog(epath.Path(workdir) / 'metrics.jsonl'))
+  return run, parallel.replicate(state)
 
-  with _Stop() as stop, log:
-    while not meta['done'] and meta['epoch'] < config.train.num_epochs and not stop.requested:
-      epoch = meta['epoch']
-      bar = tqdm(total=steps_per_epoch, desc=f'epoch {epoch + 1}/{config.train.num_epochs}',
-                 dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
-      t0, done_in_epoch = time.time(), 0
-      step = int(parallel.unreplicate(r_state.step))
-      while done_in_epoch < steps_per_epoch:
-        # the epoch position lives in the iterator; resume mid-epoch where it stopped
-        batch = next(it)
-        r_state, m = p_step(r_state, parallel.shard(batch, n_dev))
-        step += 1
-        done_in_epoch = pipeline.position_in_epoch(it, steps_per_epoch)
-        sm = _scalar_metrics(m)  # waits for the step; the next batch is prefetched meanwhile
-        check_finite(step, sm, ckpts.root)
-        if step % config.train.log_every == 0 or done_in_epoch == 0:
-          log.append(dict(step=step, epoch=epoch, **sm))
-          bar.set_postfix(loss=f'{sm["loss"]:.3f}',
-                          sps=f'{bar.n * config.train.batch_size / max(time.time() - t0, 1e-9):.0f}')
-        bar.update(1)
-        if stop.requested or (max_steps and step >= max_steps):
-          break
-        if done_in_epoch == 0:
-          break
-      bar.close()
-      meta['iterator'] = pipeline.get_iterator_state(it)
-      if stop.requested and done_in_epoch != 0:
-        ckpts.save('latest', step, parallel.unreplicate(r_state), save_meta())
-        print(f'saved step {step} (mid-epoch); run the same command again to resume', flush=True)
-        return None
-      params = parallel.unreplicate(r_state.params)
-      rp = parallel.replicate(params)
-      v_full = validate(p_eval, rp, r_econsts, splits['valid'], config, n_dev)
-      v_miss = validate(p_eval, rp, r_econsts, splits['valid'], config, n_dev,
-                        rate=config.eval.valid_rate)
-      meta['epoch'] = epoch + 1
-      score = v_full[main]
-      improved = meta['best'] is None or score > meta['best']
-      if improved:
-        meta.update(best=float(score), best_epoch=epoch + 1, bad_epochs=0)
-      else:
-        meta['bad_epochs'] += 1
-      if meta['bad_epochs'] >= config.train.patience:
-        meta['done'] = True
-      if max_steps and step >= max_steps:
-        meta['done'] = True
-      record = {'epoch': epoch + 1, 'step': step, 'epoch_s': round(time.time() - t0, 2),
-                'valid': v_full, f'valid_rmfm_{config.eval.valid_rate}': v_miss,
-                'best_epoch': meta['best_epoch']}
-      log.append(record)
-      log.flush()
-      print(f'epoch {epoch + 1}: valid {main} {score:.4f} (RMFM {config.eval.valid_rate}: '
-            f'{v_miss[main]:.4f}), best {meta["best"]:.4f} at epoch {meta["best_epoch"]}',
-            flush=True)
-      host_state = parallel.unreplicate(r_state)
-      if improved:
-        ckpts.save('best', step, host_state, save_meta())
-      ckpts.save('latest', step, host_state, save_meta())
-  if ckpt_lib.is_writer():
-    _plot_curves(log.path, epath.Path(workdir) / 'training_curves.png')
-  if stop.requested:
-    print('stopped on request; run the same command again to resume', flush=True)
-    return None
-  if config.train.evaluate_at_end:
-    return evaluate.evaluate(config, workdir)
-  return None
+
+def _resume(ckpts, state, config):
+  """(state, meta): the newest readable latest checkpoint's, or `state` and a fresh meta."""
+  meta = {'epoch': 0, 'best': None, 'best_epoch': None, 'bad_epochs': 0, 'iterator': None,
+          'done': False}
+  restored = ckpts.restore('latest', state, config)
+  if restored is not None:
+    state, saved = restored
+    meta.update({k: saved[k] for k in meta if k in saved})
+    print(f'resumed from {ckpts.root}/latest at step {int(state.step)}, epoch {meta["epoch"]}',
+          flush=True)
+  return state, meta
+
+
+def _train_epoch(run: _Run, r_state, stop):
+  """(r_state, step, position in the epoch) after the rest of the current epoch's steps, or
+  fewer: up to train.max_steps or a stop request (position 0: the epoch is complete)."""
+  config, epoch = run.config, run.meta['epoch']
+  bar = tqdm(total=run.steps_per_epoch, desc=f'epoch {epoch + 1}/{config.train.num_epochs}',
+             dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+  t0, position, n_dev = time.time(), 0, jax.local_device_count()
+  step = int(parallel.unreplicate(r_state.step))
+  max_steps = config.train.max_steps
+  while position < run.steps_per_epoch:
+    # the epoch position lives in the iterator; resume mid-epoch where it stopped
+    batch = next(run.iterator)
+    r_state, m = run.p_step(r_state, parallel.shard(batch, n_dev))
+    step += 1
+    position = pipeline.position_in_epoch(run.iterator, run.steps_per_epoch)
+    sm = _scalar_metrics(m)  # waits for the step; the next batch is prefetched meanwhile
+    check_finite(step, sm, run.ckpts.root)
+    if step % config.train.log_every == 0 or position == 0:
+      run.log.append(dict(step=step, epoch=epoch, **sm))
+      bar.set_postfix(loss=f'{sm["loss"]:.3f}',
+                      sps=f'{bar.n * config.train.batch_size / max(time.time() - t0, 1e-9):.0f}')
+    bar.update(1)
+    if stop.requested or (max_steps and step >= max_steps) or position == 0:
+      break
+  bar.close()
+  run.meta['iterator'] = pipeline.get_iterator_state(run.iterator)
+  return r_state, step, position
+
+
+def _end_epoch(run: _Run, r_state, step: int, t0: float) -> None:
+  """Validation, early-stopping bookkeeping, the metrics record and the checkpoints."""
+  config, meta = run.config, run.meta
+  main, rate = metrics.main_metric(config.task), config.eval.valid_rate
+  rp = parallel.replicate(parallel.unreplicate(r_state.params))
+  n_dev = jax.local_device_count()
+  v_full = validate(run.p_eval, rp, run.r_eval_consts, run.splits['valid'], config, n_dev)
+  v_miss = validate(run.p_eval, rp, run.r_eval_consts, run.splits['valid'], config, n_dev,
+                    rate=rate)
+  improved = _early_stopping(meta, v_full[main], step, config)
+  run.log.append({'epoch': meta['epoch'], 'step': step, 'epoch_s': round(time.time() - t0, 2),
+                  'valid': v_full, f'valid_rmfm_{rate}': v_miss, 'best_epoch': meta['best_epoch']})
+  run.log.flush()
+  print(f'epoch {meta["epoch"]}: valid {main} {v_full[main]:.4f} (RMFM {rate}: '
+        f'{v_miss[main]:.4f}), best {meta["best"]:.4f} at epoch {meta["best_epoch"]}',
+        flush=True)
+  host_state = parallel.unreplicate(r_state)
+  if improved:
+    run.ckpts.save('best', step, host_state, run.save_meta())
+  run.ckpts.save('latest', step, host_state, run.save_meta())
+
+
+def _early_stopping(meta: dict, score: float, step: int, config) -> bool:
+  """Counts the epoch just validated into `meta`; whether `score` is a new best."""
+  meta['epoch'] += 1
+  improved = meta['best'] is None or score > meta['best']
+  if improved:
+    meta.update(best=float(score), best_epoch=meta['epoch'], bad_epochs=0)
+  else:
+    meta['bad_epochs'] += 1
+  if meta['bad_epochs'] >= config.train.patience:
+    meta['done'] = True
+  if config.train.max_steps and step >= config.train.max_steps:
+    meta['done'] = True
+  return improved
 
 
 def _plot_curves(metrics_path, out_png):

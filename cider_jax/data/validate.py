@@ -145,10 +145,35 @@ def check_split(raw: Any, split: str, *, aligned: Optional[bool] = None,
   for key in _REQUIRED:
     if key not in raw:
       _fail(split, key, 'missing', f'keys {list(_REQUIRED)} (found {sorted(map(str, raw))})')
+  text_ids, mask, segments = _text(split, raw['text_bert'], special)
+  n = text_ids.shape[0]
+  features = {field: _features(split, field, raw[field]) for field in ('audio', 'vision')}
+  _check_frames(split, n, features)
+  audio, vision = features['audio'], features['vision']
+  lengths = _frame_lengths(raw, split, aligned, mask.sum(axis=1).astype(np.int64), features)
+  score = _score(split, raw['regression_labels'], n)
+  label3 = _label3(raw, split, score, labels_from_score)
+  label7 = np.round(np.clip(score.astype(np.float64), -3, 3)) + 3
+  return dict(
+      text_ids=text_ids.astype(np.int32),
+      text_mask=mask,
+      text_segments=segments.astype(np.int32),
+      audio=audio,
+      audio_mask=_prefix_mask(lengths['audio'], audio.shape[1]),
+      vision=vision,
+      vision_mask=_prefix_mask(lengths['vision'], vision.shape[1]),
+      score=score,
+      label3=label3.astype(np.int32),
+      label7=label7.astype(np.int32),
+      ids=_strings(split, 'id', raw.get('id'), n, split + '_{:d}'),
+      raw_text=_strings(split, 'raw_text', raw.get('raw_text'), n, ''),
+  )
 
-  text = _numeric(split, 'text_bert', raw['text_bert'], 3, '(N, 3, L): ids, mask, segments')
-  n = text.shape[0]
-  if n == 0:
+
+def _text(split, value, special):
+  """(ids (N, L) int64, attention mask (N, L) float32, segments (N, L) int64) of text_bert."""
+  text = _numeric(split, 'text_bert', value, 3, '(N, 3, L): ids, mask, segments')
+  if text.shape[0] == 0:
     _fail(split, 'text_bert', 'the split is empty (0 examples)', 'at least one example')
   if text.shape[1] != 3 or text.shape[2] < 1:
     _fail(split, 'text_bert', f'has shape {text.shape}', '(N, 3, L): ids, mask, segments')
@@ -170,17 +195,21 @@ def check_split(raw: Any, split: str, *, aligned: Optional[bool] = None,
   if (segments < 0).any():
     _fail(split, 'text_bert', 'negative segment id', 'non-negative segment ids',
           _first_bad(segments < 0))
-  text_lengths = mask.sum(axis=1).astype(np.int64)
-  _check_cls_sep(split, text_ids, text_lengths, special)
+  _check_cls_sep(split, text_ids, mask.sum(axis=1).astype(np.int64), special)
+  return text_ids, mask, segments
 
-  audio = _features(split, 'audio', raw['audio'])
-  vision = _features(split, 'vision', raw['vision'])
-  for field, arr in (('audio', audio), ('vision', vision)):
+
+def _check_frames(split, n, features):
+  """features {'audio', 'vision'}: (N, frames, dim) arrays, n examples and no empty axis."""
+  for field, arr in features.items():
     if arr.shape[0] != n:
       _fail(split, field, f'has {arr.shape[0]} examples but text_bert has {n}', f'{n} examples')
     if arr.shape[1] < 1 or arr.shape[2] < 1:
       _fail(split, field, f'has shape {arr.shape}', '(N, frames >= 1, dim >= 1)')
 
+
+def _frame_lengths(raw, split, aligned, text_lengths, features):
+  """{'audio', 'vision'}: (N,) valid frames, from the file or (aligned) the text lengths."""
   has_lengths = [k in raw for k in ('audio_lengths', 'vision_lengths')]
   use_file_lengths = all(has_lengths) if aligned is None else not aligned
   if aligned is None and any(has_lengths) and not all(has_lengths):
@@ -188,12 +217,12 @@ def check_split(raw: Any, split: str, *, aligned: Optional[bool] = None,
     _fail(split, missing, 'missing while the other lengths field is present',
           'both audio_lengths and vision_lengths (unaligned) or neither (aligned)')
   lengths = {}
-  for field, arr in (('audio', audio), ('vision', vision)):
+  for field, arr in features.items():
     key = f'{field}_lengths'
     if use_file_lengths:
       if key not in raw:
         _fail(split, key, 'missing', 'per-example lengths for unaligned data')
-      lengths[field] = _lengths(split, key, raw[key], n, arr.shape[1])
+      lengths[field] = _lengths(split, key, raw[key], len(text_lengths), arr.shape[1])
     else:
       too_long = text_lengths > arr.shape[1]
       if too_long.any():
@@ -201,8 +230,12 @@ def check_split(raw: Any, split: str, *, aligned: Optional[bool] = None,
         _fail(split, key, f'absent, and text length {text_lengths[i]} exceeds the {arr.shape[1]} '
               f'{field} frames', f'{key} (unaligned data) or {field} frames >= text length', i)
       lengths[field] = text_lengths
+  return lengths
 
-  score = _numeric(split, 'regression_labels', raw['regression_labels'], 1, '(N,) float scores')
+
+def _score(split, value, n):
+  """(N,) float32 sentiment scores in [-3, 3]."""
+  score = _numeric(split, 'regression_labels', value, 1, '(N,) float scores')
   if score.shape[0] != n:
     _fail(split, 'regression_labels', f'has {score.shape[0]} entries but text_bert has {n}',
           f'{n} entries')
@@ -211,38 +244,27 @@ def check_split(raw: Any, split: str, *, aligned: Optional[bool] = None,
   if bad.any():
     i = int(np.argmax(bad))
     _fail(split, 'regression_labels', f'score {score[i]!r} outside [-3, 3]', 'scores in [-3, 3]', i)
+  return score
 
+
+def _label3(raw, split, score, labels_from_score):
+  """(N,) 3-class labels: classification_labels, or derived from the score."""
   if labels_from_score is None:
     labels_from_score = 'classification_labels' not in raw
   if labels_from_score:
-    label3 = np.where(score < 0, 0, np.where(score == 0, 1, 2))
-  else:
-    if 'classification_labels' not in raw:
-      _fail(split, 'classification_labels', 'missing', '(N,) labels in {0, 1, 2}')
-    label3 = _numeric(split, 'classification_labels', raw['classification_labels'], 1,
-                      '(N,) labels in {0, 1, 2}')
-    if label3.shape[0] != n:
-      _fail(split, 'classification_labels', f'has {label3.shape[0]} entries but text_bert has '
-            f'{n}', f'{n} entries')
-    label3 = _integral(split, 'classification_labels', label3, 'labels in {0, 1, 2}')
-    bad = (label3 < 0) | (label3 > 2)
-    if bad.any():
-      i = int(np.argmax(bad))
-      _fail(split, 'classification_labels', f'label {label3[i]} out of range',
-            'labels in {0, 1, 2}', i)
-  label7 = np.round(np.clip(score.astype(np.float64), -3, 3)) + 3
-
-  return dict(
-      text_ids=text_ids.astype(np.int32),
-      text_mask=mask,
-      text_segments=segments.astype(np.int32),
-      audio=audio,
-      audio_mask=_prefix_mask(lengths['audio'], audio.shape[1]),
-      vision=vision,
-      vision_mask=_prefix_mask(lengths['vision'], vision.shape[1]),
-      score=score,
-      label3=label3.astype(np.int32),
-      label7=label7.astype(np.int32),
-      ids=_strings(split, 'id', raw.get('id'), n, split + '_{:d}'),
-      raw_text=_strings(split, 'raw_text', raw.get('raw_text'), n, ''),
-  )
+    return np.where(score < 0, 0, np.where(score == 0, 1, 2))
+  if 'classification_labels' not in raw:
+    _fail(split, 'classification_labels', 'missing', '(N,) labels in {0, 1, 2}')
+  n = score.shape[0]
+  label3 = _numeric(split, 'classification_labels', raw['classification_labels'], 1,
+                    '(N,) labels in {0, 1, 2}')
+  if label3.shape[0] != n:
+    _fail(split, 'classification_labels', f'has {label3.shape[0]} entries but text_bert has '
+          f'{n}', f'{n} entries')
+  label3 = _integral(split, 'classification_labels', label3, 'labels in {0, 1, 2}')
+  bad = (label3 < 0) | (label3 > 2)
+  if bad.any():
+    i = int(np.argmax(bad))
+    _fail(split, 'classification_labels', f'label {label3[i]} out of range',
+          'labels in {0, 1, 2}', i)
+  return label3
