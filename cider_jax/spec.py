@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from cider_jax import backend, configuration
 from cider_jax.models import bert
-from cider_jax.models.cider import CIDer
+from cider_jax.models.cider import CIDer, example_inputs
 
 NUM_CLASSES = {'binary': 3, 'seven': 7}
 
@@ -101,8 +101,6 @@ def build_model(config, spec: ModelSpec, bert_config: bert.BertConfig) -> CIDer:
 
 def parameter_counts(config) -> dict:
   """The model of a config with nominal shapes (no data, no weights loaded): parameter counts."""
-  import jax
-  from cider_jax.models.cider import example_inputs
   configuration.validate(config, check_paths=False)
   spec = nominal_spec(config)
   bert_config = text_encoder_config(config, allow_default=True)

@@ -23,7 +23,7 @@ from typing import Iterator, Mapping, Optional, Tuple
 import grain
 import numpy as np
 
-from cider_jax.data import mmsa
+from cider_jax.data import mmsa, synthetic
 from cider_jax.data.validate import DataError
 
 EXAMPLE_KEYS = ('text_ids', 'text_mask', 'text_segments', 'audio', 'audio_mask', 'vision',
@@ -60,7 +60,6 @@ def load_splits(config, workdir: Optional[str] = None) -> dict:
   if source == 'mmsa':
     return mmsa.load_mmsa(config)
   if source == 'synthetic':
-    from cider_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     path = synthetic.synthetic_path(cache_dir(config, workdir), config)
     return mmsa.load_mmsa(path, aligned=bool(config.data.aligned))
   raise DataError(f"config.data.source is {source!r}; expected 'mmsa' or 'synthetic'")

@@ -38,6 +38,7 @@ import tempfile
 import numpy as np
 
 from cider_jax import tokens
+from cider_jax.data import mmsa, probe
 from cider_jax.data.validate import DataError
 
 GENERATOR_VERSION = 2
@@ -374,7 +375,6 @@ def cue_token_ids(tokenizer=None) -> dict:
 
 def main(argv=None) -> int:
   import argparse  # pylint: disable=g-import-not-at-top
-  from cider_jax.data import mmsa, probe  # pylint: disable=g-import-not-at-top
   parser = argparse.ArgumentParser(prog='python -m cider_jax.data.synthetic',
                                    description='Generate the synthetic data and measure the '
                                    'per-modality signal with linear probes.')
