@@ -68,11 +68,10 @@ def _text_encoder_passes(config, model, bert_config):
   optim.embedding_rows, its row-wise word embeddings (gradients per distinct id, not a table)."""
   import jax
   import jax.numpy as jnp
-  from cider_jax import embedding_rows
-  from cider_jax.models.bert import BertEncoder, attention_kernel
-  # the step's BERT, self-attention kernel included
-  encoder = BertEncoder(bert_config, model.bert_layers, model.dtype,
-                        attention_kernel(model.kernels, bert_config), model.kernels)
+  from cider_jax import embedding_rows, updates
+  from cider_jax.models.bert import BertEncoder
+  # the step's BERT, with the step's implementations
+  encoder = BertEncoder(bert_config, model.bert_layers, model.dtype, model.ops)
 
   def loss(params, slots, ids, mask, segments, key, word_rows):
     h = encoder.apply({'params': params}, ids, mask, segments,
@@ -87,10 +86,13 @@ def _text_encoder_passes(config, model, bert_config):
     ids_m = jnp.where(drop, 100, ids)
     rows, slots, rows_fn = None, None, [None, None]
     params = state.params
-    if config.optim.get('embedding_rows', True):
-      rows = embedding_rows.Step(state, [ids, ids_m], config, 'batch', lambda x: x)
-      params, slots = rows.params, rows.p0
-      rows_fn = [lambda s, part=part: rows.rows(s, part) for part in (0, 1)]
+    if updates.row_wise(config.optim.get('embedding_rows', 'auto'), model.ops):
+      # the rows only: the table's own updates are not part of this measurement
+      rows, params, _ = embedding_rows.Rows.begin(state.params, state.opt_state, [ids, ids_m],
+                                                  config.optim, 'batch',
+                                                  embedding_rows.table_zero_updates)
+      slots = rows.p
+      rows_fn = [lambda s, part=part: rows.word_rows(s, part) for part in (0, 1)]
     grad = jax.value_and_grad(loss, argnums=(0, 1))
     l_t, g_t = grad(params['text_encoder'], slots, ids, mask, seg, jax.random.fold_in(key, 2),
                     rows_fn[0])
@@ -113,7 +115,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import jax
   import numpy as np
-  from cider_jax import counterfactual, parallel, run_state
+  from cider_jax import backend, counterfactual, parallel, run_state
   from cider_jax.models.bert import BertConfig
   from cider_jax.spec import ModelSpec
   from cider_jax.train_step import train_step
@@ -173,9 +175,9 @@ def main(argv):
     jax.profiler.stop_trace()
   ms = (time.time() - t0) / _STEPS.value * 1000
   flops_source = 'XLA cost analysis'
-  if model.kernels == 'native':
+  if model.ops.name == 'native':
     # XLA cannot see inside the native kernels: count the same work in its XLA form
-    fn_xla = timed_fn(model.clone(kernels='xla'))
+    fn_xla = timed_fn(model.clone(ops=backend.plain_ops()))
     flops = _flops(jax.pmap(fn_xla, axis_name='batch', devices=devices).lower(
         r_state, batch).compile())
     flops_source = 'XLA cost analysis of the same work with model.kernels=xla'
@@ -194,7 +196,7 @@ def main(argv):
                               else None),
          'batch': B, 'bert_hidden': _HIDDEN.value, 'bert_layers': _LAYERS.value,
          'bert_heads': _HEADS.value, 'aligned': _ALIGNED.value, 'dtype': config.model.dtype,
-         'part': _PART.value, 'kernels': model.kernels,
+         'part': _PART.value, 'kernels': model.ops.name,
          'loss': float(np.asarray(m['loss'])[0])}
   print(json.dumps(out))
 

@@ -1,7 +1,7 @@
 """Run 5 pmapped train steps over all local devices on fixed global batches; print the losses
 and the word-embedding table after them.
 
-  multidevice_losses.py GLOBAL_BATCH [dense]   (dense: optim.embedding_rows=False)
+  multidevice_losses.py GLOBAL_BATCH [dense]   (dense: optim.embedding_rows='off')
 
 Used by tests/test_train_step.py in a subprocess (the device count is fixed at jax import).
 """
@@ -21,7 +21,7 @@ def main():
   global_batch = int(sys.argv[1])
   n = jax.local_device_count()
   config = tiny.config(batch_size=global_batch)
-  config.optim.embedding_rows = sys.argv[2:] != ['dense']
+  config.optim.embedding_rows = 'off' if sys.argv[2:] == ['dense'] else 'on'
   parallel.check_batch(global_batch, n)
   model, tx, labels, state = run_state.init_state(config, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
   from cider_jax.train_step import make_train_step
