@@ -15,7 +15,7 @@ import io
 import json
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -60,7 +60,8 @@ class Checkpoints:
       return None
     return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
-  def restore(self, which: str, target, config=None, fields: Optional[Sequence[str]] = None):
+  def restore(self, which: str, target, config=None,
+              fields: Optional[Sequence[str]] = None) -> Optional[Tuple[Any, dict]]:
     """(state, meta) of the newest readable checkpoint of a series, or None if it has none.
 
     A damaged newest checkpoint gives a warning and the previous one is used. A checkpoint

@@ -14,7 +14,7 @@ import json
 import signal
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import jax
 import numpy as np
@@ -174,7 +174,7 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
   return None
 
 
-def _start(config, workdir):
+def _start(config, workdir) -> Tuple[_Run, Any]:
   """(_Run, replicated TrainState): the data, constants and fresh state of a run, resumed from
   <workdir>/checkpoints/latest when it has one."""
   splits = pipeline.load_splits(config, workdir)
@@ -213,7 +213,7 @@ def _start(config, workdir):
   return run, parallel.replicate(state)
 
 
-def _resume(ckpts, state, config):
+def _resume(ckpts, state, config) -> Tuple[Any, dict]:
   """(state, meta): the newest readable latest checkpoint's, or `state` and a fresh meta."""
   meta = {'epoch': 0, 'best': None, 'best_epoch': None, 'bad_epochs': 0, 'iterator': None,
           'done': False}
@@ -226,7 +226,7 @@ def _resume(ckpts, state, config):
   return state, meta
 
 
-def _train_epoch(run: _Run, r_state, stop):
+def _train_epoch(run: _Run, r_state, stop) -> Tuple[Any, int, int]:
   """(r_state, step, position in the epoch) after the rest of the current epoch's steps, or
   fewer: up to train.max_steps or a stop request (position 0: the epoch is complete)."""
   config, epoch = run.config, run.meta['epoch']
