@@ -14,25 +14,28 @@ from typing import Optional
 import jax
 import numpy as np
 
-from cider_jax import counterfactual
+from cider_jax import counterfactual, tokens
 from cider_jax.train_step import masked_inputs, model_inputs, prototype_inputs
 
 KEEP_KEYS = ('text_keep', 'audio_keep', 'vision_keep')
 
 
-def eval_step(params, consts, batch, *, model):
+def eval_step(params, consts, batch, *, model, special: tokens.SpecialTokens = tokens.BERT):
+  """special: the text encoder's special tokens ([UNK] for dropped, [MASK] for non-bias)."""
   inputs = model_inputs(batch)
   if all(k in batch for k in KEEP_KEYS):
-    inputs = masked_inputs(inputs, *(batch[k] for k in KEEP_KEYS))
+    inputs = masked_inputs(inputs, *(batch[k] for k in KEEP_KEYS), special=special)
   B = inputs['text_ids'].shape[0]
   cls_feats, cls_probs = prototype_inputs(consts, B)
   apply = lambda x: model.apply({'params': params}, x, cls_feats, cls_probs, deterministic=True)
-  cf_ids = counterfactual.counterfactual_ids_jax(inputs['text_ids'], consts['bias_table'])
+  cf_ids = counterfactual.counterfactual_ids_jax(inputs['text_ids'], consts['bias_table'],
+                                                special)
   return {'logp': apply(inputs)['logp'], 'logp_cf': apply(dict(inputs, text_ids=cf_ids))['logp']}
 
 
-def make_eval_step(model, axis_name: Optional[str] = 'batch'):
-  fn = functools.partial(eval_step, model=model)
+def make_eval_step(model, axis_name: Optional[str] = 'batch',
+                   special: tokens.SpecialTokens = tokens.BERT):
+  fn = functools.partial(eval_step, model=model, special=special)
   if axis_name:
     return jax.pmap(fn, axis_name=axis_name, in_axes=(0, 0, 0))
   return jax.jit(fn)

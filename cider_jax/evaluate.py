@@ -108,7 +108,8 @@ def predict_all(config, model, params, consts, splits, spec):
   """{(split, group, mode, label): {'labels', 'factual', 'counterfactual'}} over all settings."""
   n_dev = jax.local_device_count()
   batch = -(-config.train.eval_batch_size // n_dev) * n_dev
-  eval_fn = eval_step.make_eval_step(model, axis_name='batch')
+  eval_fn = eval_step.make_eval_step(model, axis_name='batch',
+                                     special=run_state.special_tokens(config))
   r_params, r_consts = parallel.replicate(params), parallel.replicate(consts)
   settings = _settings(config)
   preds, t0 = {}, time.time()
@@ -276,7 +277,7 @@ def evaluate(config, workdir: str) -> dict:
       raise EvaluationError(str(e)) from e
     raise
   check_trained_run(workdir)
-  splits = pipeline.load_splits(config, workdir)
+  splits = pipeline.load_splits(config, workdir, run_state.special_tokens(config))
   best = restore_best(config, workdir, splits['train'])
   print(f'evaluating the best checkpoint (epoch {best.meta.get("best_epoch")}, step '
         f'{best.meta["step"]}) of {workdir}', flush=True)

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from cider_jax import checkpoint as ckpt_lib
-from cider_jax import eval_step, evaluate
+from cider_jax import eval_step, evaluate, run_state
 from cider_jax.models import bert
 
 
@@ -59,7 +59,8 @@ def predict(workdir: str, texts: Sequence[str], audio, vision, audio_lengths=Non
            'text_mask': enc['attention_mask'].astype(np.float32),
            'text_segments': enc['token_type_ids'].astype(np.int32),
            'audio': a, 'audio_mask': am, 'vision': v, 'vision_mask': vm}
-  out = jax.device_get(eval_step.make_eval_step(model, axis_name=None)(params, consts, batch))
+  step = eval_step.make_eval_step(model, axis_name=None, special=run_state.special_tokens(config))
+  out = jax.device_get(step(params, consts, batch))
   if tau is None:
     report = os.path.join(workdir, 'eval', 'report.json')
     tau = 0.0

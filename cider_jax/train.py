@@ -177,11 +177,11 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
 def _start(config, workdir) -> Tuple[_Run, Any]:
   """(_Run, replicated TrainState): the data, constants and fresh state of a run, resumed from
   <workdir>/checkpoints/latest when it has one."""
-  splits = pipeline.load_splits(config, workdir)
+  special = run_state.special_tokens(config)
+  splits = pipeline.load_splits(config, workdir, special)
   spec = spec_lib.spec_from_split(splits['train'], config)
   bert_config = spec_lib.text_encoder_config(config)
   run_state.check_token_ids(splits, bert_config.vocab_size)
-  special = run_state.special_tokens(config)
   encoder, encoder_vars = bert.load_pretrained(config.model.text_encoder.path,
                                                config.model.text_encoder.num_layers)
   c = run_state.constants(config, splits, spec, encoder, encoder_vars, workdir, special)
@@ -206,8 +206,9 @@ def _start(config, workdir) -> Tuple[_Run, Any]:
   e_consts = run_state.eval_consts(c, bert_config.vocab_size, spec.num_classes, special)
   run = _Run(config=config, splits=splits, ckpts=ckpts, meta=meta, save_meta=save_meta,
              iterator=it, steps_per_epoch=steps_per_epoch,
-             p_step=make_train_step(model, tx, labels, config, axis_name='batch'),
-             p_eval=eval_step.make_eval_step(model, axis_name='batch'),
+             p_step=make_train_step(model, tx, labels, config, axis_name='batch',
+                                    special=special),
+             p_eval=eval_step.make_eval_step(model, axis_name='batch', special=special),
              r_eval_consts=parallel.replicate(e_consts),
              log=MetricsLog(epath.Path(workdir) / 'metrics.jsonl'))
   return run, parallel.replicate(state)

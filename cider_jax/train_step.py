@@ -18,7 +18,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from cider_jax import counterfactual, losses, masks, updates
+from cider_jax import counterfactual, losses, masks, tokens, updates
 
 MODALITIES = ('text', 'audio', 'vision')
 INPUT_KEYS = ('text_ids', 'text_mask', 'text_segments', 'audio', 'audio_mask', 'vision',
@@ -50,11 +50,12 @@ def prototype_inputs(consts, batch_size: int):
   return feats, probs
 
 
-def masked_inputs(inputs, text_keep, audio_keep, vision_keep):
+def masked_inputs(inputs, text_keep, audio_keep, vision_keep,
+                  special: tokens.SpecialTokens = tokens.BERT):
   """Dropped tokens → [UNK], dropped frames → 0 (attention/validity masks unchanged)."""
   m = masks.apply_keep({'text': inputs['text_ids'], 'text_mask': inputs['text_mask'],
                         'audio': inputs['audio'], 'vision': inputs['vision']},
-                       text_keep, audio_keep, vision_keep)
+                       text_keep, audio_keep, vision_keep, unk_id=special.unk)
   return dict(inputs, text_ids=m['text'], audio=m['audio'], vision=m['vision'])
 
 
@@ -96,11 +97,13 @@ def accuracy(logp, y, valid, global_sum):
 
 
 def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, config,
-               axis_name: Optional[str] = 'batch', return_grads: bool = False):
+               axis_name: Optional[str] = 'batch', return_grads: bool = False,
+               special: tokens.SpecialTokens = tokens.BERT):
   """One MSSD iteration on a (per-device) batch.
 
   batch: flat dict of INPUT_KEYS + label (B,) + valid (B,) (+ index). keeps: optional
   (text_keep (B, L), audio_keep (B, La), vision_keep (B, Lv)); sampled when None.
+  special: the text encoder's special tokens ([UNK] for dropped, [MASK] for non-bias words).
   Returns (new state, metrics) — metrics are global (summed over `axis_name`).
   """
   global_sum = functools.partial(_global, axis_name=axis_name)
@@ -112,11 +115,11 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
     keeps = masks.train_keep(masks.example_keys(state.rng, state.step, device * y.shape[0]
                                                 + jnp.arange(y.shape[0])),
                              inputs['text_mask'], inputs['audio_mask'], inputs['vision_mask'])
-  x_m = masked_inputs(inputs, *keeps)
+  x_m = masked_inputs(inputs, *keeps, special=special)
   passes = [inputs, x_m]
   if config.train.counterfactual_metrics:
     passes.append(dict(x_m, text_ids=counterfactual.counterfactual_ids_jax(
-        x_m['text_ids'], state.consts['bias_table'])))
+        x_m['text_ids'], state.consts['bias_table'], special)))
   it = updates.Iteration.begin(state.params, state.opt_state, [x['text_ids'] for x in passes],
                                tx=tx, labels=labels, config=config, ops=model.ops,
                                axis_name=axis_name, lead=axis_name is not None)
@@ -172,10 +175,10 @@ def dropout_keys(state, device):
 
 
 def make_train_step(model, tx, labels, config, axis_name: Optional[str] = 'batch',
-                    return_grads: bool = False):
+                    return_grads: bool = False, special: tokens.SpecialTokens = tokens.BERT):
   """pmapped (axis_name set) or jitted (axis_name None) step; the state buffers are donated."""
   fn = functools.partial(train_step, model=model, tx=tx, labels=labels, config=config,
-                         axis_name=axis_name, return_grads=return_grads)
+                         axis_name=axis_name, return_grads=return_grads, special=special)
   if axis_name:
     return jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,))
   return jax.jit(fn, donate_argnums=(0,))

@@ -10,7 +10,7 @@ lazily so that `python -m cider_jax.data.mmsa` stays quick.
 """
 
 
-def load_splits(config, workdir=None):
+def load_splits(config, workdir=None, **kwargs):
   """{'train', 'valid', 'test'} -> `mmsa.Split`; see `pipeline.load_splits`."""
   from cider_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-  return pipeline.load_splits(config, workdir)
+  return pipeline.load_splits(config, workdir, **kwargs)

@@ -23,6 +23,7 @@ from typing import Iterator, Mapping, Optional, Tuple
 import grain
 import numpy as np
 
+from cider_jax import tokens
 from cider_jax.data import mmsa, synthetic
 from cider_jax.data.validate import DataError
 
@@ -49,19 +50,21 @@ def tfds_dir(config, workdir: Optional[str] = None) -> str:
   return os.path.join(cache_dir(config, workdir), 'tfds')
 
 
-def load_splits(config, workdir: Optional[str] = None) -> dict:
+def load_splits(config, workdir: Optional[str] = None,
+                special: tokens.SpecialTokens = tokens.BERT) -> dict:
   """{'train', 'valid', 'test'} -> validated `mmsa.Split` for a full config.
 
   config.data.source 'mmsa': the MMSA pickles that `mmsa.resolve_split_paths` names
   (data.dir layout or data.file). 'synthetic': the generated data, written once to
   `<cache_dir>/synthetic-<hash>.pkl` and read back through the same validated loader.
+  special: the text encoder's special tokens (the validator checks [CLS] / [SEP] with them).
   """
   source = config.data.source
   if source == 'mmsa':
-    return mmsa.load_mmsa(config)
+    return mmsa.load_mmsa(config, special=special)
   if source == 'synthetic':
     path = synthetic.synthetic_path(cache_dir(config, workdir), config)
-    return mmsa.load_mmsa(path, aligned=bool(config.data.aligned))
+    return mmsa.load_mmsa(path, aligned=bool(config.data.aligned), special=special)
   raise DataError(f"config.data.source is {source!r}; expected 'mmsa' or 'synthetic'")
 
 
