@@ -1,4 +1,4 @@
-"""Bias-word vocabulary and counterfactual text for MACI (REFERENCE §5).
+"""Bias-word vocabulary and counterfactual text for MACI (docs/model.md §5).
 
 The bias vocabulary is built once from the train split. The counterfactual text keeps the
 special tokens and the bias words of a (possibly already masked) text and replaces every
@@ -60,7 +60,7 @@ def bias_vocabulary_stats(token_ids, labels, task, top_k=100, cv_threshold=0.1,
   position).
 
   A 3-class word seen only in neutral samples has mean 0 over the classes used. It is not a
-  bias word (REFERENCE §5). The original code instead reuses the coefficient of variation of
+  bias word (docs/model.md §5). The original code instead reuses the coefficient of variation of
   the previous word of its dictionary (a stale variable; it crashes if that word is the first
   one); `reproduce_stale_cv=True` reproduces that, for parity with vocabularies the original
   built on real data.
@@ -148,7 +148,7 @@ def bias_vocabulary(token_ids, labels, task, top_k=100, cv_threshold=0.1,
                     special: tokens.SpecialTokens = tokens.BERT) -> np.ndarray:
   """(K,) int32 bias-word ids of a train split, most frequent first; K <= top_k.
 
-  See `bias_vocabulary_stats` for the rule (REFERENCE §5) and the arguments.
+  See `bias_vocabulary_stats` for the rule (docs/model.md §5) and the arguments.
   """
   return bias_vocabulary_stats(token_ids, labels, task, top_k, cv_threshold,
                                reproduce_stale_cv, special).ids

@@ -1,4 +1,4 @@
-"""Missing-modality keep masks (REFERENCE §3). A keep mask is 1 where a position is kept.
+"""Missing-modality keep masks (docs/model.md §3). A keep mask is 1 where a position is kept.
 
 Keep masks are only ever 1 on valid positions, and the text's [CLS] (position 0) and [SEP]
 (position len-1, len = sum of the attention mask) are always kept.

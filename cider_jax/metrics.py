@@ -1,4 +1,4 @@
-"""Classification metrics, AUILC and counterfactual-strength (tau) selection (REFERENCE §5).
+"""Classification metrics, AUILC and counterfactual-strength (tau) selection (docs/model.md §5).
 
 Pure numpy (no scikit-learn). The definitions follow the original's evaluation code:
 

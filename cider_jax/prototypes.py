@@ -1,4 +1,4 @@
-"""Class prototypes and the label prior from the train split (REFERENCE §5).
+"""Class prototypes and the label prior from the train split (docs/model.md §5).
 
 A sample's feature is [text | audio | vision]: the time-mean over valid positions of the
 pretrained text encoder's output, of the audio frames and of the vision frames. A class

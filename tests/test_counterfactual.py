@@ -26,7 +26,7 @@ def fixture():
 
 
 def spec_bias_vocabulary(ids, labels, task, top_k, cv_threshold=0.1):
-  """Straightforward per-word reading of REFERENCE §5 (a test oracle, loops and dicts)."""
+  """Straightforward per-word reading of docs/model.md §5 (a test oracle, loops and dicts)."""
   num_classes = 3 if task == 'binary' else 7
   used = (0, 2) if task == 'binary' else tuple(range(7))
   counts = {}  # insertion order = first occurrence (sample order, then position)

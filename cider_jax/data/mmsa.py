@@ -1,4 +1,4 @@
-"""Reader and validator for MMSA pickles (REFERENCE §1).
+"""Reader and validator for MMSA pickles (docs/model.md §1).
 
 An MMSA file is a dict `{train, valid, test}` of dicts of arrays:
 

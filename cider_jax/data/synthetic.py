@@ -10,7 +10,7 @@ What the data contains:
     sentiment is in phrases, not in single words: every polar opinion word occurs plainly in
     its own polarity as often as negated in the other ("the plot was not dull"), so its
     per-class counts differ only as much as the class sizes do and it is, at most narrowly, a
-    bias word (REFERENCE §5; on the quickstart's data 1 of the 37 passes the 0.1 threshold).
+    bias word (docs/model.md §5; on the quickstart's data 1 of the 37 passes the 0.1 threshold).
   * audio (N, audio_len, audio_dim) and vision (N, vision_len, vision_dim): random valid
     lengths, zero padding; a weak class-dependent pattern over part of the valid frames plus
     per-example and per-frame noise. Text is the strongest modality, as in MOSI. Each modality
