@@ -120,3 +120,50 @@ def test_no_import_cycle():
   cycle = find_cycle(graph)
   if cycle:
     pytest.fail('import cycle among cider_jax modules: ' + ' -> '.join(cycle))
+
+
+# The algorithm's modules take their implementations by injection (models/ops.py,
+# backend.py): they never import the native kernels nor compare backend names.
+ALGORITHM = [m for m in _modules() if m.startswith('cider_jax.models.')] + [
+    'cider_jax.train_step', 'cider_jax.losses']
+BACKEND_NAMES = ('native', 'xla', 'auto')
+
+
+def _backend_comparisons(tree):
+  """(line, source) of every comparison with a backend name's string literal."""
+  out = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Compare):
+      operands = [node.left] + list(node.comparators)
+      literals = [o for o in operands if isinstance(o, ast.Constant)]
+      literals += [e for o in operands if isinstance(o, (ast.Tuple, ast.List, ast.Set))
+                   for e in o.elts if isinstance(e, ast.Constant)]
+      if any(c.value in BACKEND_NAMES for c in literals):
+        out.append((node.lineno, ast.unparse(node)))
+  return out
+
+
+def test_backend_comparisons_are_found():
+  tree = ast.parse("if kernel == 'native':\n  pass\nok = name in ('xla', 'other')\n"
+                   "fine = mode == 'time'\n")
+  assert [line for line, _ in _backend_comparisons(tree)] == [1, 3]
+
+
+@pytest.mark.parametrize('module', ALGORITHM)
+def test_algorithm_modules_do_not_know_the_backends(module):
+  path = _modules()[module]
+  with open(path, encoding='utf-8') as f:
+    tree = ast.parse(f.read(), path)
+  graph = import_graph()
+  kernels = sorted(m for m in graph[module] if m.split('.')[:2] == ['cider_jax', 'kernels'])
+  assert not kernels, f'{module} imports {kernels}'
+  assert not _backend_comparisons(tree), _backend_comparisons(tree)
+
+
+def test_train_step_reads_whole():
+  """The MSSD iteration (train_step.train_step) stays short enough to read at once."""
+  path = _modules()['cider_jax.train_step']
+  with open(path, encoding='utf-8') as f:
+    tree = ast.parse(f.read(), path)
+  fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == 'train_step')
+  assert fn.end_lineno - fn.lineno + 1 <= 90
