@@ -150,7 +150,7 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
   (loss_s, (vals, out_s)), g_s = jax.value_and_grad(student_loss, has_aux=True)(it.theta)
   g_2 = global_sum(g_s)
   if config.train.accumulate_teacher_grad:                    # as the original: never cleared
-    g_2 = updates.tree_add(g_t, g_2)
+    g_2 = jax.tree.map(jnp.add, g_t, g_2)
   out_cf = apply(it.theta, 2, k_cf) if len(passes) > 2 else None   # monitoring, at θ1
   it_2, gnorm_2 = it.update(g_2, after=None if out_cf is None else out_cf['logp'])  # θ1 → θ2
   params, opt_state = it_2.finish()

@@ -14,8 +14,6 @@ table is taken row-wise is `row_wise_embeddings` there, or config.optim.embeddin
 import dataclasses
 from typing import Any, Optional
 
-import jax
-
 from cider_jax import embedding_rows, optim
 
 
@@ -91,7 +89,3 @@ class Iteration:
     if self.rows is None:
       return grads['params']
     return self.rows.dense_grads(grads['params'], grads['rows'])
-
-
-def tree_add(a, b):
-  return jax.tree.map(lambda x, y: x + y, a, b)

@@ -35,12 +35,6 @@ def supports(head_size: int) -> bool:
   return head_size in HEAD_SIZES
 
 
-def kernel_for(kernels: str, head_size: int) -> str:
-  """An attention's kernel under the model's resolved kernels ('native' or 'xla'): native
-  where its head size is one the kernels have."""
-  return 'native' if kernels == 'native' and supports(head_size) else 'xla'
-
-
 def _flat(t):
   return t.reshape((-1,) + t.shape[-2:])
 
