@@ -17,7 +17,7 @@ import csv
 import io
 import json
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -25,7 +25,7 @@ from etils import epath
 
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import configuration
-from cider_jax import eval_step, masks, metrics, parallel, run_state
+from cider_jax import eval_step, masks, metrics, parallel, run_state, tokens
 from cider_jax import spec as spec_lib
 from cider_jax.data import pipeline
 from cider_jax.models.cider import CIDer
@@ -42,6 +42,7 @@ class BestCheckpoint(NamedTuple):
   consts: dict                # the eval step's constants (run_state.eval_consts)
   spec: spec_lib.ModelSpec
   meta: dict                  # the checkpoint's meta, with its 'step'
+  special: tokens.SpecialTokens   # the text encoder's special tokens
 
 
 def check_trained_run(workdir) -> None:
@@ -54,12 +55,14 @@ def check_trained_run(workdir) -> None:
     raise EvaluationError(f'{cpath} is missing: {workdir!r} holds no finished training run')
 
 
-def restore_best(config, workdir, train_split=None) -> BestCheckpoint:
+def restore_best(config, workdir, train_split=None,
+                 special: Optional[tokens.SpecialTokens] = None) -> BestCheckpoint:
   """The model, parameters and eval constants of the best checkpoint of a workdir.
 
   Only the parameters (and step) are read: no optimizer state is built or allocated. With
   `train_split`, a bias vocabulary cached under other config.maci settings is recomputed;
-  without it, such a mismatch is an error.
+  without it, such a mismatch is an error. special: the text encoder's special tokens, read
+  from its folder when not given.
   """
   check_trained_run(workdir)
   ckpts = ckpt_lib.Checkpoints(workdir)
@@ -70,14 +73,14 @@ def restore_best(config, workdir, train_split=None) -> BestCheckpoint:
   ckpt_lib.check_compatible(meta, config)
   spec = ckpt_lib.spec_from_json(meta['spec'])
   bert_config = spec_lib.text_encoder_config(config)
-  special = run_state.special_tokens(config)
+  special = special or run_state.special_tokens(config)
   c = _run_constants(config, workdir, train_split, special)
   vocab_size = bert_config.vocab_size
   shapes = jax.eval_shape(lambda: run_state.train_consts(c, vocab_size, special))
   restored = run_state.restore_params(ckpts, 'best', config, spec, bert_config, shapes)
   return BestCheckpoint(restored.model, restored.params,
                         run_state.eval_consts(c, vocab_size, spec.num_classes, special), spec,
-                        {**restored.meta, 'step': restored.step})
+                        {**restored.meta, 'step': restored.step}, special)
 
 
 def _run_constants(config, workdir, train_split, special) -> dict:
@@ -104,12 +107,12 @@ def _settings(config):
   return out
 
 
-def predict_all(config, model, params, consts, splits, spec):
+def predict_all(config, model, params, consts, splits, spec,
+                special: tokens.SpecialTokens = tokens.BERT):
   """{(split, group, mode, label): {'labels', 'factual', 'counterfactual'}} over all settings."""
   n_dev = jax.local_device_count()
   batch = -(-config.train.eval_batch_size // n_dev) * n_dev
-  eval_fn = eval_step.make_eval_step(model, axis_name='batch',
-                                     special=run_state.special_tokens(config))
+  eval_fn = eval_step.make_eval_step(model, axis_name='batch', special=special)
   r_params, r_consts = parallel.replicate(params), parallel.replicate(consts)
   settings = _settings(config)
   preds, t0 = {}, time.time()
@@ -277,11 +280,13 @@ def evaluate(config, workdir: str) -> dict:
       raise EvaluationError(str(e)) from e
     raise
   check_trained_run(workdir)
-  splits = pipeline.load_splits(config, workdir, run_state.special_tokens(config))
-  best = restore_best(config, workdir, splits['train'])
+  special = run_state.special_tokens(config)
+  splits = pipeline.load_splits(config, workdir, special)
+  best = restore_best(config, workdir, splits['train'], special)
   print(f'evaluating the best checkpoint (epoch {best.meta.get("best_epoch")}, step '
         f'{best.meta["step"]}) of {workdir}', flush=True)
-  preds = predict_all(config, best.model, best.params, best.consts, splits, best.spec)
+  preds = predict_all(config, best.model, best.params, best.consts, splits, best.spec,
+                      special)
   report, rows = build_report(config, preds)
   report['checkpoint'] = {'best_epoch': best.meta.get('best_epoch'),
                           'best_valid': best.meta.get('best')}

@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 
 from cider_jax import checkpoint as ckpt_lib
-from cider_jax import eval_step, evaluate, run_state
+from cider_jax import eval_step, evaluate
 from cider_jax.models import bert
 
 
@@ -42,7 +42,8 @@ def predict(workdir: str, texts: Sequence[str], audio, vision, audio_lengths=Non
   if meta is None:
     raise evaluate.EvaluationError(f'no best checkpoint under {workdir!r}')
   config = ml_collections.ConfigDict(meta['config'])
-  model, params, consts, spec, _ = evaluate.restore_best(config, workdir)
+  best = evaluate.restore_best(config, workdir)
+  model, params, consts, spec = best.model, best.params, best.consts, best.spec
   L, La, Lv = spec.seq_lens
   Da, Dv = spec.feature_dims
   if not (len(texts) == len(audio) == len(vision)):
@@ -59,7 +60,7 @@ def predict(workdir: str, texts: Sequence[str], audio, vision, audio_lengths=Non
            'text_mask': enc['attention_mask'].astype(np.float32),
            'text_segments': enc['token_type_ids'].astype(np.int32),
            'audio': a, 'audio_mask': am, 'vision': v, 'vision_mask': vm}
-  step = eval_step.make_eval_step(model, axis_name=None, special=run_state.special_tokens(config))
+  step = eval_step.make_eval_step(model, axis_name=None, special=best.special)
   out = jax.device_get(step(params, consts, batch))
   if tau is None:
     report = os.path.join(workdir, 'eval', 'report.json')
