@@ -18,13 +18,13 @@ import numbers
 import os
 import sys
 
-import jax
 from absl import app
 
-from cider_jax import masks
 from cider_jax.data import mmsa, synthetic
 from cider_jax.data.validate import DataError
-from cider_jax.models.bert import PACKAGE_PREFIX
+
+# jax, cider_jax.masks and cider_jax.models.bert (each over a second to import) are imported
+# where they are used: the launchers parse and check their flags before loading JAX.
 
 TASKS = ('binary', 'seven')
 SOURCES = ('mmsa', 'synthetic')
@@ -154,6 +154,7 @@ def _check_training(config, check_devices):
   _positive(config, 'optim.grad_clip', strict=False, what='a clipping norm', note=' (0: off)')
   batch = _integer(config, 'train.batch_size', 1)
   if check_devices and _is_int(batch):
+    import jax  # pylint: disable=g-import-not-at-top
     n = jax.device_count()  # the same count as train.train_and_evaluate's parallel.check_batch
     if batch % n:
       _fail('train.batch_size', batch, f'a positive multiple of the number of devices ({n})')
@@ -180,6 +181,7 @@ def _check_maci_and_eval(config):
     if isinstance(modes, str):
       modes = (modes,)
     for i, mode in enumerate(modes):
+      from cider_jax import masks  # pylint: disable=g-import-not-at-top
       try:
         masks.check_mode(mode, aligned=aligned is _MISSING or bool(aligned))
       except ValueError as e:
@@ -219,6 +221,7 @@ def _check_data_paths(config):
 
 
 def _check_text_encoder(config):
+  from cider_jax.models.bert import PACKAGE_PREFIX  # pylint: disable=g-import-not-at-top
   path = _get(config, 'model.text_encoder.path')
   if not isinstance(path, str) or path.startswith(PACKAGE_PREFIX):
     return
