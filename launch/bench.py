@@ -68,7 +68,7 @@ def _text_encoder_passes(config, model, bert_config):
   optim.embedding_rows, its row-wise word embeddings (gradients per distinct id, not a table)."""
   import jax
   import jax.numpy as jnp
-  from cider_jax import embedding_rows, updates
+  from cider_jax import embedding_rows, tokens, updates
   from cider_jax.models.bert import BertEncoder
   # the step's BERT, with the step's implementations
   encoder = BertEncoder(bert_config, model.bert_layers, model.dtype, model.ops)
@@ -83,7 +83,7 @@ def _text_encoder_passes(config, model, bert_config):
     ids, mask, seg = batch['text_ids'], batch['text_mask'], batch['text_segments']
     key = jax.random.fold_in(state.rng, state.step)
     drop = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, ids.shape) & (mask > 0)
-    ids_m = jnp.where(drop, 100, ids)
+    ids_m = jnp.where(drop, tokens.BERT.unk, ids)
     rows, slots, rows_fn = None, None, [None, None]
     params = state.params
     if updates.row_wise(config.optim.get('embedding_rows', 'auto'), model.ops):
@@ -115,7 +115,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   import jax
   import numpy as np
-  from cider_jax import backend, counterfactual, parallel, run_state
+  from cider_jax import backend, counterfactual, parallel, run_state, tokens
   from cider_jax.models.bert import BertConfig
   from cider_jax.spec import ModelSpec
   from cider_jax.train_step import train_step
@@ -137,7 +137,7 @@ def main(argv):
   lengths = rng.randint(L // 2, L + 1, size=B)
   tm = (np.arange(L)[None] < lengths[:, None]).astype(np.float32)
   ids = rng.randint(1000, 30000, size=(B, L))
-  ids[:, 0], ids[np.arange(B), lengths - 1] = 101, 102
+  ids[:, 0], ids[np.arange(B), lengths - 1] = tokens.BERT.cls, tokens.BERT.sep
   batch = {'text_ids': (ids * tm).astype(np.int32), 'text_mask': tm,
            'text_segments': np.zeros((B, L), np.int32),
            'audio': rng.randn(B, La, 5).astype(np.float32), 'audio_mask': np.ones((B, La), np.float32),
