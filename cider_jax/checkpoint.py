@@ -191,7 +191,7 @@ def read_npz(path) -> dict:
   """{name: array} of an .npz file on a local or gs:// path."""
   with epath.Path(path).open('rb') as f:
     buf = io.BytesIO(f.read())
-  with np.load(buf) as z:
+  with np.load(buf, allow_pickle=False) as z:
     return {k: z[k] for k in z.files}
 
 

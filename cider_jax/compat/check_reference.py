@@ -58,7 +58,7 @@ class FixtureError(ValueError):
 
 def load_fixture(path):
   try:
-    z = np.load(path)
+    z = np.load(path, allow_pickle=False)
     meta = json.loads(str(z['meta_json']))
   except FileNotFoundError:
     raise FixtureError(f'{path}: no such file')

@@ -20,15 +20,13 @@ line naming the file, split, field, example index and what was expected.
 import argparse
 import dataclasses
 import os
-import pickle
 import sys
 from typing import Any, Mapping, Optional
 
-import joblib
 import numpy as np
 
 from cider_jax import tokens
-from cider_jax.data import validate
+from cider_jax.data import safe_pickle, validate
 from cider_jax.data.validate import DataError
 
 __all__ = [
@@ -187,20 +185,20 @@ def require_file(path: str, what: str = 'MMSA data file') -> None:
 
 
 def read_pickle(path: str, what: str = 'MMSA data file') -> Any:
-  """Unpickles `path` (plain pickle, or a joblib file such as the OOD repartitions)."""
+  """Unpickles `path` (plain pickle, or a joblib file such as the OOD repartitions) through
+  `safe_pickle`: a file that asks for anything beyond numpy arrays, numbers, strings, lists
+  and dicts is refused before any of it runs."""
   require_file(path, what)
-  errors = []
   try:
-    with open(path, 'rb') as f:
-      return pickle.load(f)
+    return safe_pickle.load(path)
+  except safe_pickle.RefusedGlobal as e:
+    raise DataError(
+        f'{path}: refused to load: the file asks for {e.name}, which a data file may not use '
+        '(allowed: numpy arrays, numbers, strings, lists, dicts); nothing from it was run'
+    ) from None
   except Exception as e:  # pylint: disable=broad-except
-    errors.append(f'pickle: {type(e).__name__}: {e}')
-  try:
-    return joblib.load(path)
-  except Exception as e:  # pylint: disable=broad-except
-    errors.append(f'joblib: {type(e).__name__}: {e}')
-  detail = ' '.join(errors[0].split())[:200]
-  raise DataError(f'{path}: not a readable pickle or joblib file ({detail})')
+    detail = ' '.join(f'{type(e).__name__}: {e}'.split())[:200]
+    raise DataError(f'{path}: not a readable pickle or joblib file ({detail})') from None
 
 
 def _cfg_parts(cfg):
