@@ -6,7 +6,8 @@
 The batch may carry keep-masks (`text_keep`, `audio_keep`, `vision_keep`) from the seeded
 test-mode masks; the counterfactual text is built on device from the (masked) text and the
 bias-word lookup table. `consts` are the evaluation constants (mean prototype for every class,
-uniform prior, bias table), see prototypes.eval_constants.
+uniform prior, bias table, audio / vision standardisation statistics), see
+run_state.eval_consts.
 """
 import functools
 from typing import Optional
@@ -22,7 +23,7 @@ KEEP_KEYS = ('text_keep', 'audio_keep', 'vision_keep')
 
 def eval_step(params, consts, batch, *, model, special: tokens.SpecialTokens = tokens.BERT):
   """special: the text encoder's special tokens ([UNK] for dropped, [MASK] for non-bias)."""
-  inputs = model_inputs(batch)
+  inputs = model_inputs(batch, consts)
   if all(k in batch for k in KEEP_KEYS):
     inputs = masked_inputs(inputs, *(batch[k] for k in KEEP_KEYS), special=special)
   B = inputs['text_ids'].shape[0]

@@ -74,7 +74,8 @@ def restore_best(config, workdir, train_split=None,
   spec = ckpt_lib.spec_from_json(meta['spec'])
   bert_config = spec_lib.text_encoder_config(config)
   special = special or run_state.special_tokens(config)
-  c = _run_constants(config, workdir, train_split, special)
+  c = run_state.with_feature_stats(_run_constants(config, workdir, train_split, special),
+                                   *spec.feature_dims)
   vocab_size = bert_config.vocab_size
   shapes = jax.eval_shape(lambda: run_state.train_consts(c, vocab_size, special))
   restored = run_state.restore_params(ckpts, 'best', config, spec, bert_config, shapes)

@@ -19,8 +19,13 @@ def _masked_time_mean(x, mask):
   return (x * m).sum(1) / np.maximum(m.sum(1), 1.0)
 
 
-def sample_features(encoder, encoder_vars, split, batch_size: int = 64) -> np.ndarray:
-  """(N, Dl + Da + Dv) features of a split with the pretrained encoder (deterministic)."""
+def sample_features(encoder, encoder_vars, split, batch_size: int = 64,
+                    stats=None) -> np.ndarray:
+  """(N, Dl + Da + Dv) features of a split with the pretrained encoder (deterministic).
+
+  stats: the audio / vision standardisation statistics (data/standardize.py) the model's
+  inputs get; the time-means are then those of the standardised frames.
+  """
   encode = jax.jit(lambda ids, mask, seg: encoder.apply(encoder_vars, ids, mask, seg,
                                                         deterministic=True))
   n = split.text_ids.shape[0]
@@ -36,7 +41,17 @@ def sample_features(encoder, encoder_vars, split, batch_size: int = 64) -> np.nd
   text = np.concatenate(text)
   audio = _masked_time_mean(split.audio, split.audio_mask)
   vision = _masked_time_mean(split.vision, split.vision_mask)
+  if stats is not None:
+    # the mean of standardised frames is the standardised mean (0 where there is no frame)
+    audio = _standardised_mean(audio, split.audio_mask, stats['audio_mean'], stats['audio_std'])
+    vision = _standardised_mean(vision, split.vision_mask, stats['vision_mean'],
+                                stats['vision_std'])
   return np.concatenate([text, audio, vision], axis=1).astype(np.float32)
+
+
+def _standardised_mean(mean, mask, shift, scale):
+  has_frames = (mask.sum(1) > 0)[:, None]
+  return np.where(has_frames, (mean - shift) / scale, 0.0).astype(np.float32)
 
 
 def class_prototypes(features: np.ndarray, labels: np.ndarray, num_classes: int):

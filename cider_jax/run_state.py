@@ -7,9 +7,11 @@ Training, evaluation and prediction build them here:
   setup = init_state(config, spec, bert_config, train_consts(c, vocab_size, special))
   restored = restore_params(ckpts, 'best', config, spec, bert_config, consts)  # no optimizer
 
-The constants of the train split (cached in <workdir>/constants.npz) are the class prototypes
-`cls_feats`, the label prior `prior` and the bias vocabulary `bias_vocab` with the config.maci
-settings it was built with; `train_consts` / `eval_consts` turn them into the `consts` of the
+The constants of the train split (cached in <workdir>/constants.npz) are the audio / vision
+standardisation statistics (`audio_mean`, … of data/standardize.py; identity under
+data.standardize=False), the class prototypes `cls_feats` (of the standardised features), the
+label prior `prior` and the bias vocabulary `bias_vocab` with the config.maci settings it was
+built with; `train_consts` / `eval_consts` turn them into the `consts` of the
 train step and of the eval step.
 """
 import time
@@ -26,6 +28,7 @@ from cider_jax import checkpoint as ckpt_lib
 from cider_jax import counterfactual, optim, tokens
 from cider_jax import prototypes as proto_lib
 from cider_jax import spec as spec_lib
+from cider_jax.data import standardize
 from cider_jax.data.validate import DataError
 from cider_jax.models import bert
 from cider_jax.models.cider import CIDer, example_inputs
@@ -119,18 +122,54 @@ def constants(config, splits, spec, encoder, encoder_vars, workdir,
     # every process has looked before process 0 may write: all read, or all compute
     multihost_utils.sync_global_devices('cider_jax constants.npz')
   if cached:
-    return with_bias_vocab(config, ckpt_lib.read_npz(path), splits['train'], special)
+    train = splits['train']
+    c = with_feature_stats(ckpt_lib.read_npz(path), train.audio.shape[-1],
+                           train.vision.shape[-1])
+    _note_standardize_setting(config, c)
+    return with_bias_vocab(config, c, train, special)
   train = splits['train']
   labels = train.labels(config.task)
   t0 = time.time()
-  feats = proto_lib.sample_features(encoder, encoder_vars, train)
+  stats = feature_stats(config, train)
+  feats = proto_lib.sample_features(encoder, encoder_vars, train, stats=stats)
   cls_feats, prior = proto_lib.class_prototypes(feats, labels, spec.num_classes)
-  out = {'cls_feats': cls_feats, 'prior': prior, **bias_vocab(config, train, special)}
+  out = {'cls_feats': cls_feats, 'prior': prior, **stats,
+         **bias_vocab(config, train, special)}
   if ckpt_lib.is_writer():
     ckpt_lib.write_npz(path, out)
-  print(f'prototypes, prior and {len(out["bias_vocab"])} bias words from {len(labels)} train '
-        f'samples ({time.time() - t0:.1f} s) -> {path}', flush=True)
+  what = ('standardisation statistics, ' if not standardize.is_identity(stats) else '')
+  print(f'{what}prototypes, prior and {len(out["bias_vocab"])} bias words from {len(labels)} '
+        f'train samples ({time.time() - t0:.1f} s) -> {path}', flush=True)
   return out
+
+
+def feature_stats(config, train_split) -> dict:
+  """The audio / vision standardisation statistics of the train split under
+  config.data.standardize (identity when it is off)."""
+  if config.data.get('standardize', False):
+    return standardize.statistics(train_split)
+  return standardize.identity(train_split.audio.shape[-1], train_split.vision.shape[-1])
+
+
+def with_feature_stats(c, audio_dim: int, vision_dim: int) -> dict:
+  """Cached constants `c` with their standardisation statistics; a run saved without them
+  (before data.standardize existed) used its features as they are: identity."""
+  if all(k in c for k in standardize.KEYS):
+    return c
+  print('constants.npz holds no standardisation statistics: the features are used as they '
+        'are (data.standardize=False)', flush=True)
+  return {**c, **standardize.identity(audio_dim, vision_dim)}
+
+
+def _stats_consts(c) -> dict:
+  return {k: jnp.asarray(c[k]) for k in standardize.KEYS if k in c}
+
+
+def _note_standardize_setting(config, c) -> None:
+  saved = not standardize.is_identity(c)
+  if saved != bool(config.data.get('standardize', False)):
+    print(f'note: this run was trained with data.standardize={saved}; its saved statistics are '
+          'used (constants.npz)', flush=True)
 
 
 def _maci_settings(config) -> dict:
@@ -168,18 +207,21 @@ def with_bias_vocab(config, c, train_split, special: tokens.SpecialTokens = toke
 
 
 def train_consts(c, vocab_size: int, special: tokens.SpecialTokens = tokens.BERT) -> dict:
-  """The train step's constants: the class prototypes, the prior and the bias-word table."""
+  """The train step's constants: the class prototypes, the prior, the bias-word table and the
+  audio / vision standardisation statistics."""
   return {'cls_feats': jnp.asarray(c['cls_feats']), 'cls_probs': jnp.asarray(c['prior']),
-          'bias_table': counterfactual.bias_lookup_table(c['bias_vocab'], vocab_size, special)}
+          'bias_table': counterfactual.bias_lookup_table(c['bias_vocab'], vocab_size, special),
+          **_stats_consts(c)}
 
 
 def eval_consts(c, vocab_size: int, num_classes: int,
                 special: tokens.SpecialTokens = tokens.BERT) -> dict:
-  """The eval step's constants: the mean prototype for every class, a uniform prior and the
-  bias-word table (`prototypes.eval_constants`)."""
+  """The eval step's constants: the mean prototype for every class, a uniform prior, the
+  bias-word table (`prototypes.eval_constants`) and the standardisation statistics."""
   feats, prior = proto_lib.eval_constants(c['cls_feats'], num_classes)
   return {'cls_feats': feats, 'cls_probs': prior,
-          'bias_table': counterfactual.bias_lookup_table(c['bias_vocab'], vocab_size, special)}
+          'bias_table': counterfactual.bias_lookup_table(c['bias_vocab'], vocab_size, special),
+          **_stats_consts(c)}
 
 
 def check_token_ids(splits, vocab_size: int) -> None:

@@ -55,7 +55,26 @@ def validate(eval_fn, params, consts, split, config, n_devices, rate=0.0):
                           seed=config.eval.seed, aligned=bool(config.data.aligned))
   batches = pipeline.eval_batches(split, config.train.eval_batch_size, config.task, keeps=keeps)
   out = eval_step.run_batches(eval_fn, params, consts, batches, n_devices)
-  return metrics.classification_metrics(out['logp'], split.labels(config.task), config.task)
+  m = metrics.classification_metrics(out['logp'], split.labels(config.task), config.task)
+  counts = np.bincount(np.argmax(out['logp'], -1), minlength=out['logp'].shape[-1])
+  return dict(m, predicted_classes=int((counts > 0).sum()), top_class=int(np.argmax(counts)))
+
+
+def collapse_warning(meta: dict, v_full: dict, config) -> Optional[str]:
+  """Counts the epochs in a row whose every validation prediction is one class (in `meta`);
+  the warning once they reach train.collapse_epochs, else None."""
+  one_class = v_full['predicted_classes'] == 1
+  meta['one_class_epochs'] = meta.get('one_class_epochs', 0) + 1 if one_class else 0
+  n = config.train.collapse_epochs
+  if not n or meta['one_class_epochs'] != n:
+    return None
+  return (f'warning: the model has predicted class {v_full["top_class"]} for every validation '
+          f'example for {n} epochs in a row: it is not learning from its inputs. Likely '
+          'causes: audio / vision features on raw scales (check them with python -m '
+          'cider_jax.data.mmsa FILE and keep data.standardize=True), a learning rate too high '
+          'or too low for this data (optim.lr), one class dominating the train split, or token '
+          'ids from another vocabulary than model.text_encoder.path. Try data.standardize=True, '
+          'a lower optim.lr, a smaller train.batch_size, or optim.grad_clip.')
 
 
 # ------------------------------------------------------------------------------ loop
@@ -217,7 +236,7 @@ def _start(config, workdir) -> Tuple[_Run, Any]:
 def _resume(ckpts, state, config) -> Tuple[Any, dict]:
   """(state, meta): the newest readable latest checkpoint's, or `state` and a fresh meta."""
   meta = {'epoch': 0, 'best': None, 'best_epoch': None, 'bad_epochs': 0, 'iterator': None,
-          'done': False}
+          'done': False, 'one_class_epochs': 0}
   restored = ckpts.restore('latest', state, config)
   if restored is not None:
     state, saved = restored
@@ -266,12 +285,16 @@ def _end_epoch(run: _Run, r_state, step: int, t0: float) -> None:
   v_miss = validate(run.p_eval, rp, run.r_eval_consts, run.splits['valid'], config, n_dev,
                     rate=rate)
   improved = _early_stopping(meta, v_full[main], step, config)
-  run.log.append({'epoch': meta['epoch'], 'step': step, 'epoch_s': round(time.time() - t0, 2),
-                  'valid': v_full, f'valid_rmfm_{rate}': v_miss, 'best_epoch': meta['best_epoch']})
+  warning = collapse_warning(meta, v_full, config)
+  record = {'epoch': meta['epoch'], 'step': step, 'epoch_s': round(time.time() - t0, 2),
+            'valid': v_full, f'valid_rmfm_{rate}': v_miss, 'best_epoch': meta['best_epoch']}
+  run.log.append(dict(record, warning=warning) if warning else record)
   run.log.flush()
   print(f'epoch {meta["epoch"]}: valid {main} {v_full[main]:.4f} (RMFM {rate}: '
         f'{v_miss[main]:.4f}), best {meta["best"]:.4f} at epoch {meta["best_epoch"]}',
         flush=True)
+  if warning:
+    print(warning, file=sys.stderr, flush=True)
   host_state = parallel.unreplicate(r_state)
   if improved:
     run.ckpts.save('best', step, host_state, run.save_meta())

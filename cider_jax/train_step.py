@@ -33,11 +33,20 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array           # base PRNG key of the run (raw uint32 (2,))
-  consts: Any              # cls_feats (C, D), cls_probs (C,), bias_table (V,) bool
+  consts: Any              # cls_feats (C, D), cls_probs (C,), bias_table (V,) bool, and the
+                           # audio / vision standardisation statistics ({m}_mean, {m}_std (D,))
 
 
-def model_inputs(batch):
-  return {k: batch[k] for k in INPUT_KEYS}
+def model_inputs(batch, consts):
+  """The model's inputs from a batch: audio and vision standardised on their valid frames with
+  the train-split statistics of `consts` (data/standardize.py; consts without them, or the
+  identity ones of data.standardize=False, leave the features exactly as they are)."""
+  inputs = {k: batch[k] for k in INPUT_KEYS}
+  for m in ('audio', 'vision'):
+    if f'{m}_mean' in consts:
+      x, valid = inputs[m], inputs[f'{m}_mask'][..., None] > 0
+      inputs[m] = jnp.where(valid, (x - consts[f'{m}_mean']) / consts[f'{m}_std'], x)
+  return inputs
 
 
 def prototype_inputs(consts, batch_size: int):
@@ -107,7 +116,7 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
   Returns (new state, metrics) — metrics are global (summed over `axis_name`).
   """
   global_sum = functools.partial(_global, axis_name=axis_name)
-  inputs, y, valid = model_inputs(batch), batch['label'], batch['valid'].astype(jnp.float32)
+  inputs, y, valid = model_inputs(batch, state.consts), batch['label'], batch['valid'].astype(jnp.float32)
   cls_feats, cls_probs = prototype_inputs(state.consts, y.shape[0])
   device = jax.lax.axis_index(axis_name) if axis_name else 0
   k_teacher, k_student, k_cf = dropout_keys(state, device)

@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   data.aligned = False          # word-aligned features (skips WSAM) or unaligned
   data.setting = 'iid'          # 'iid', 'ood' (OOD repartition) or 'cross_dataset'
   data.cache_dir = ''           # where generated data / TFDS records are cached ('' = <workdir>/data)
+  data.standardize = True       # audio/vision standardised per dimension with train-split statistics (False: raw, as the original)
   data.synthetic = synthetic = ml_collections.ConfigDict()
   synthetic.seed = 0            # generated data is a pure function of this seed and the sizes
   synthetic.n_train = 1200      # samples in the generated train split
@@ -29,6 +30,8 @@ def get_config() -> ml_collections.ConfigDict:
   synthetic.audio_dim = 5       # audio feature size (MOSI: 5)
   synthetic.vision_dim = 20     # vision feature size (MOSI: 20)
   synthetic.shifted_valid = False  # validation split drawn like the shifted test split
+  synthetic.feature_scale = 1.0  # audio/vision valid frames multiplied by this (raw-scale features)
+  synthetic.feature_shift = 0.0  # … and shifted by this
 
   # ---------------------------------------------------------------- task
   config.task = 'binary'        # 'binary' (the 3-class neg/neutral/pos task) or 'seven'
@@ -80,6 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.batch_size = 128        # global batch size (all devices together)
   train.num_epochs = 200        # upper bound on epochs
   train.patience = 10           # early stop after this many epochs without validation improvement
+  train.collapse_epochs = 3     # warn when every validation example gets one class this many epochs in a row (0: never)
   train.seed = 1111             # parameter init, data order, RMFM masks, dropout
   train.max_steps = 0           # stop after this many steps (0: no limit)
   train.log_every = 20          # steps between metrics.jsonl lines

@@ -9,7 +9,7 @@ from configs import quickstart
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import evaluate as eval_lib
 from cider_jax import metrics, run_state, spec as spec_lib, tokens
-from cider_jax.data import pipeline
+from cider_jax.data import pipeline, standardize
 
 
 def _config(tmp):
@@ -39,7 +39,8 @@ def run(tmp_path_factory):
   rng = np.random.RandomState(0)
   c = {'cls_feats': rng.randn(3, bert_config.hidden_size + 25).astype(np.float32),
        'prior': np.array([0.4, 0.2, 0.4], np.float32),
-       'bias_vocab': np.unique(splits['train'].text_ids[:, 1:4]).astype(np.int32)}
+       'bias_vocab': np.unique(splits['train'].text_ids[:, 1:4]).astype(np.int32),
+       **standardize.statistics(splits['train'])}
   np.savez(os.path.join(workdir, 'constants.npz'), **c)
   _, _, _, state = run_state.init_state(config, spec, bert_config,
                                         run_state.train_consts(c, bert_config.vocab_size))
@@ -123,6 +124,22 @@ def test_predict_new_samples(run):
   assert out['tau'] == report['tau']['value']
   with pytest.raises(ValueError, match='audio\\[0\\]'):
     cider_jax.predict(workdir, ['x'], [rng.randn(4, 6)], [rng.randn(4, 20)])
+
+
+def test_predict_equals_the_evaluation_on_raw_features(run):
+  """predict standardises new samples with the run's saved train statistics, as the
+  evaluation does: its probabilities on the validation split's raw texts and features are the
+  evaluation's (predictions.npz, complete input) to float32 rounding."""
+  import cider_jax
+  config, workdir, _ = run
+  valid = pipeline.load_splits(config, workdir)['valid']
+  idx = np.arange(6)
+  audio = [valid.audio[i, :int(valid.audio_mask[i].sum())] for i in idx]
+  vision = [valid.vision[i, :int(valid.vision_mask[i].sum())] for i in idx]
+  out = cider_jax.predict(workdir, list(valid.raw_text[idx]), audio, vision, tau=0.0)
+  with np.load(os.path.join(workdir, 'eval', 'predictions.npz')) as z:
+    want = np.exp(z['valid/RMFM/0.0/factual'][idx])
+  np.testing.assert_allclose(out['probs'], want, atol=1e-5)
 
 
 def test_bias_vocabulary_of_other_maci_settings(run, tmp_path, capsys):

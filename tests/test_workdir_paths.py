@@ -102,14 +102,16 @@ def test_npz_and_figure_round_trip_on_gs(gcs):
 
 def _fake_train_split(n=40):
   b = tiny.batch(n, seed=3)
-  return types.SimpleNamespace(text_ids=b['text_ids'], labels=lambda task: b['label'])
+  return types.SimpleNamespace(text_ids=b['text_ids'], labels=lambda task: b['label'],
+                               **{k: b[k] for k in ('audio', 'audio_mask', 'vision',
+                                                    'vision_mask')})
 
 
 def test_constants_written_by_process_0_only_and_read_back(gcs, process, monkeypatch):
   store, calls = gcs
   computed = []
 
-  def features(encoder, encoder_vars, split):
+  def features(encoder, encoder_vars, split, stats=None):
     computed.append(1)
     return np.random.RandomState(0).randn(len(split.text_ids), 73).astype(np.float32)
 
@@ -125,7 +127,8 @@ def test_constants_written_by_process_0_only_and_read_back(gcs, process, monkeyp
   cached = run_state.constants(config, splits, tiny.SPEC, None, None, workdir)
   assert len(computed) == 2  # read from gs://bucket/run/constants.npz, not recomputed
   for c in (c1, cached):
-    assert c.keys() == {'cls_feats', 'prior', 'bias_vocab', 'maci_top_k', 'maci_cv_threshold'}
+    assert c.keys() == {'cls_feats', 'prior', 'bias_vocab', 'maci_top_k', 'maci_cv_threshold',
+                        'audio_mean', 'audio_std', 'vision_mean', 'vision_std'}
     for k in c:
       np.testing.assert_array_equal(c[k], c0[k])
   assert ('open', 'gs://bucket/run/constants.npz', 'rb') in calls

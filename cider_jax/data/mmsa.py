@@ -26,7 +26,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from cider_jax import tokens
-from cider_jax.data import safe_pickle, validate
+from cider_jax.data import safe_pickle, standardize, validate
 from cider_jax.data.validate import DataError
 
 __all__ = [
@@ -278,7 +278,8 @@ def splits_from_dict(data: Any, source: str = '<data>', *, aligned: Optional[boo
 
 
 def summarize(splits: Mapping[str, Split]) -> str:
-  """Human-readable summary: sizes, shapes, lengths and label distribution per split."""
+  """Human-readable summary per split: sizes, shapes, lengths, label distribution and the
+  scale of the audio and vision features (saying when they are on raw scales)."""
   lines = []
   for name, s in splits.items():
     n = len(s)
@@ -295,6 +296,9 @@ def summarize(splits: Mapping[str, Split]) -> str:
     lines.append('  label3   ' + '  '.join(
         f'{k}:{c} ({c / n:.0%})' for k, c in zip(('neg', 'neu', 'pos'), l3)))
     lines.append('  label7   ' + '  '.join(f'{k}:{c}' for k, c in enumerate(l7)))
+    for m in ('audio', 'vision'):
+      lines.append(standardize.describe_scale(
+          m, standardize.scale_summary(getattr(s, m), getattr(s, f'{m}_mask'))))
   return '\n'.join(lines)
 
 

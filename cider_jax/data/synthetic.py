@@ -16,6 +16,8 @@ What the data contains:
     per-example and per-frame noise. Text is the strongest modality, as in MOSI. Each modality
     expresses a wrongly perceived class for a fraction of the examples, independently, so
     every modality alone is informative and together they are best.
+    `feature_scale` / `feature_shift` turn them into raw-scale features (x · scale + shift
+    on the valid frames), as features extracted by common tools come.
   * labels: score in [-3, 3] in steps of 1/3; classification_labels 0 (< 0), 1 (exactly 0),
     2 (> 0).
   * a planted spurious cue: the words of `POS_CUES` occur mostly in positive examples and
@@ -135,6 +137,15 @@ def synthetic_params(cfg) -> dict:
                     f'{list(PARAM_NAMES)}')
   params = {k: int(v) for k, v in params.items()}
   params['shifted_valid'] = int(bool(_field(cfg, 'shifted_valid', False)))
+  # raw-scale features (x · scale + shift on valid frames); in the hash only when not identity
+  for k, identity in (('feature_scale', 1.0), ('feature_shift', 0.0)):
+    value = float(_field(cfg, k, identity))
+    if not np.isfinite(value) or (k == 'feature_scale' and value == 0):
+      raise DataError(f'config.data.synthetic.{k} is {value}; expected a finite, non-zero scale'
+                      if k == 'feature_scale' else
+                      f'config.data.synthetic.{k} is {value}; expected a finite number')
+    if value != identity:
+      params[k] = value
   for k in ('n_train', 'n_valid', 'n_test', 'audio_len', 'vision_len', 'audio_dim',
             'vision_dim'):
     if params[k] < 1:
@@ -331,6 +342,10 @@ def _split(params, split, tokenizer):
                                 patterns, _SIGNAL[m], text_lengths if aligned else None)
     if not aligned:
       out[f'{m}_lengths'] = lengths
+    valid = (np.arange(out[m].shape[1])[None, :] < lengths[:, None])[..., None]
+    scale, shift = params.get('feature_scale', 1.0), params.get('feature_shift', 0.0)
+    if (scale, shift) != (1.0, 0.0):
+      out[m] = np.where(valid, out[m] * scale + shift, 0.0).astype(np.float32)
   out['regression_labels'] = score.astype(np.float32)
   out['classification_labels'] = true_class.astype(np.int64)
   return out
