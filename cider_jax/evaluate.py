@@ -27,7 +27,7 @@ from cider_jax import checkpoint as ckpt_lib
 from cider_jax import configuration
 from cider_jax import eval_step, masks, metrics, parallel, run_state, tokens
 from cider_jax import spec as spec_lib
-from cider_jax.data import pipeline
+from cider_jax.data import pipeline, standardize
 from cider_jax.models.cider import CIDer
 
 
@@ -286,13 +286,79 @@ def evaluate(config, workdir: str) -> dict:
   best = restore_best(config, workdir, splits['train'], special)
   print(f'evaluating the best checkpoint (epoch {best.meta.get("best_epoch")}, step '
         f'{best.meta["step"]}) of {workdir}', flush=True)
-  preds = predict_all(config, best.model, best.params, best.consts, splits, best.spec,
-                      special)
+  return evaluate_model(config, workdir, best.model, best.params, best.consts, splits,
+                        best.spec, special, {'best_epoch': best.meta.get('best_epoch'),
+                                             'best_valid': best.meta.get('best')})
+
+
+def evaluate_model(config, workdir, model, params, consts, splits, spec, special,
+                   checkpoint: dict) -> dict:
+  """Evaluates `model` with `params` and eval constants `consts` on the valid and test splits;
+  writes <workdir>/eval/ and returns the report (`checkpoint` describes the weights)."""
+  preds = predict_all(config, model, params, consts, splits, spec, special)
   report, rows = build_report(config, preds)
-  report['checkpoint'] = {'best_epoch': best.meta.get('best_epoch'),
-                          'best_valid': best.meta.get('best')}
+  report['checkpoint'] = checkpoint
   out_dir = epath.Path(workdir) / 'eval'
   write_outputs(out_dir, report, rows, preds)
   print(format_table(report), flush=True)
   print(f'wrote {out_dir}/report.json, report.csv, predictions.npz and plots', flush=True)
   return report
+
+
+def evaluate_original(config, workdir: str, weights: str) -> dict:
+  """Evaluates the original's trained weights (an export of python -m
+  cider_jax.compat.export_original) on the config's data, as a cider_jax run is evaluated:
+  every mode and rate, τ on validation, `test_oracle` beside it; writes <workdir>/eval/ and
+  <workdir>/constants.npz (prototypes, prior and bias vocabulary of the train split).
+
+  The inputs are fed raw (data.standardize=False), as the original was trained on them.
+  """
+  from cider_jax.compat import original  # pylint: disable=g-import-not-at-top
+  from cider_jax.models import bert  # pylint: disable=g-import-not-at-top
+  config = config.copy_and_resolve_references()
+  config.data.standardize = False
+  configuration.validate(config, workdir=workdir, check_devices=False)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+  model, variables = original.load_original(weights, config.model.kernels)
+  special = run_state.special_tokens(config)
+  splits = pipeline.load_splits(config, workdir, special)
+  spec = spec_lib.spec_from_split(splits['train'], config)
+  check_fits(weights, model, spec, config)
+  run_state.check_token_ids(splits, model.bert.vocab_size)
+  encoder, encoder_vars = bert.load_pretrained(config.model.text_encoder.path,
+                                               config.model.text_encoder.num_layers)
+  if encoder.config.hidden_size != model.feature_dims[0]:
+    raise original.OriginalWeightsError(
+        f'{weights}: hparams.orig_d_l is {model.feature_dims[0]}, the text encoder at '
+        f'config.model.text_encoder.path has hidden size {encoder.config.hidden_size} (its '
+        'features make the class prototypes): point it at the BERT the weights were trained '
+        'from')
+  c = run_state.constants(config, splits, spec, encoder, encoder_vars, workdir, special)
+  if not standardize.is_identity(c):
+    raise EvaluationError(f'{workdir}/constants.npz holds standardisation statistics of a '
+                          'cider_jax run: evaluate the original weights in a fresh workdir')
+  consts = run_state.eval_consts(c, model.bert.vocab_size, spec.num_classes, special)
+  print(f'evaluating the original weights {weights}', flush=True)
+  return evaluate_model(config, workdir, model, variables['params'], consts, splits, spec,
+                        special, {'original_weights': str(weights)})
+
+
+def check_fits(weights, model, spec, config) -> None:
+  """OriginalWeightsError naming the field where the weights and the data / config differ."""
+  from cider_jax.compat import original  # pylint: disable=g-import-not-at-top
+  L, La, Lv = model.seq_lens
+  Dl, Da, Dv = model.feature_dims
+  checks = [('hparams.l_len', L, 'the text length of the data is', spec.seq_lens[0]),
+            ('hparams.orig_d_a', Da, 'the audio feature size of the data is',
+             spec.feature_dims[0]),
+            ('hparams.orig_d_v', Dv, 'the vision feature size of the data is',
+             spec.feature_dims[1]),
+            ('hparams.aligned', model.aligned, 'config.data.aligned is', spec.aligned),
+            ('hparams.output_dim', model.num_classes,
+             f'the classes of config.task {config.task!r} are', spec.num_classes)]
+  if not spec.aligned:
+    checks += [('hparams.a_len', La, 'the audio frames of the data are', spec.seq_lens[1]),
+               ('hparams.v_len', Lv, 'the vision frames of the data are', spec.seq_lens[2])]
+  for field, theirs, what, ours in checks:
+    if theirs != ours:
+      raise original.OriginalWeightsError(f'{weights}: {field} is {theirs}, {what} {ours}')

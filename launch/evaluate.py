@@ -1,6 +1,7 @@
 """Evaluate the best checkpoint of a run on every missing mode × rate, factual and debiased.
 
   python launch/evaluate.py --config configs/quickstart.py --workdir runs/quickstart
+  python launch/evaluate.py --config configs/rmfm.py --original_weights mosi.npz --workdir W
 
 Writes WORKDIR/eval/report.json, report.csv, predictions.npz and plots; prints a table.
 WORKDIR may be gs://BUCKET/PATH; with --config.distributed.initialize=True every worker of a
@@ -20,7 +21,11 @@ from cider_jax.data.validate import DataError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'The config the run was trained with (configs/*.py, same overrides).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s directory.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s directory (with '
+                                '--original_weights: where the evaluation is written).')
+_ORIGINAL = flags.DEFINE_string(
+    'original_weights', None, 'Evaluate the original PyTorch CIDer\'s trained weights instead '
+    'of a cider_jax run: an .npz written by python -m cider_jax.compat.export_original.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -33,9 +38,14 @@ def main(argv):
   # as training does: jax.distributed before anything counts devices (multi-host Cloud TPU)
   parallel.initialize(config.distributed)
   parallel.enable_compilation_cache(config.train.compilation_cache)
+  from cider_jax.compat.original import OriginalWeightsError
   try:
-    evaluate.evaluate(config, _WORKDIR.value)
-  except (evaluate.EvaluationError, checkpoint.CheckpointError, FileNotFoundError) as e:
+    if _ORIGINAL.value:
+      evaluate.evaluate_original(config, _WORKDIR.value, _ORIGINAL.value)
+    else:
+      evaluate.evaluate(config, _WORKDIR.value)
+  except (evaluate.EvaluationError, checkpoint.CheckpointError, FileNotFoundError,
+          OriginalWeightsError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   except (configuration.ConfigError, DataError) as e:

@@ -19,11 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cider_jax import backend, losses, optim
-from cider_jax.compat.reference import BUFFERS, flax_to_torch, infer_structure, torch_to_flax
-from cider_jax.models.bert import BertConfig
-from cider_jax.models import ops as ops_lib
-from cider_jax.models.cider import CIDer
+from cider_jax import losses, optim
+from cider_jax.compat.original import build_reference_model
+from cider_jax.compat.reference import BUFFERS, flax_to_torch, torch_to_flax
 from cider_jax.train_step import TrainState, train_step
 
 OUTPUT_TOL = 1e-4
@@ -70,19 +68,11 @@ def load_fixture(path):
 def build(arrays, meta, kernels='auto'):
   """(model, params, cross_dataset) of a fixture; kernels: a model.kernels choice, or a
   models.ops.Ops to build the model with."""
-  hp = meta['hparams']
   state = {k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')}
-  layers, num_classes, cross = infer_structure(state)
-  text = arrays['input/text']
-  seq = (text.shape[2], arrays['input/audio'].shape[1], arrays['input/vision'].shape[1])
-  dims = (state['proj_l.weight'].shape[1], state['proj_a.weight'].shape[1],
-          state['proj_v.weight'].shape[1])
-  E = state['proj_l.weight'].shape[0]
-  model = CIDer(BertConfig.from_dict(meta['bert']), num_classes, bool(hp['aligned']), dims, seq,
-                embed_dim=E, num_heads=int(hp['num_heads']), layers=layers,
-                positions='reference', cross_dataset=cross,
-                ops=kernels if isinstance(kernels, ops_lib.Ops)
-                else backend.select(kernels, E // int(hp['num_heads'])))
+  seq = (arrays['input/text'].shape[2], arrays['input/audio'].shape[1],
+         arrays['input/vision'].shape[1])
+  model, cross = build_reference_model(state, meta['bert'], meta['hparams']['aligned'],
+                                       int(meta['hparams']['num_heads']), seq, kernels)
   return model, torch_to_flax(state), cross
 
 
