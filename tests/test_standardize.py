@@ -11,9 +11,10 @@ from configs import default
 from cider_jax import eval_step, run_state, train
 from cider_jax.data import mmsa, standardize, synthetic
 from cider_jax.models.cider import CIDer
-from cider_jax.train_step import model_inputs
+from cider_jax.spec import ModelSpec
+from cider_jax.train_step import INPUT_KEYS, model_inputs
+from tests.helpers import tiny
 from tests.conftest import make_mmsa
-from tests.helpers.tiny import TINY_BERT, consts as tiny_consts
 
 
 def _split(audio, audio_mask, vision, vision_mask):
@@ -42,7 +43,7 @@ def test_statistics_over_valid_frames_only():
 def test_identity_statistics_leave_inputs_bit_exact():
   batch = {k: v for k, v in _tiny_inputs(seed=3).items()}
   batch['audio'] = batch['audio'] * 376.0 + 1e-3
-  consts = dict(tiny_consts(), **standardize.identity(5, 7))
+  consts = dict(tiny.consts(), **standardize.identity(5, 7))
   out = jax.jit(model_inputs)(batch, consts)
   for k in batch:
     np.testing.assert_array_equal(np.asarray(out[k]), batch[k])
@@ -54,7 +55,7 @@ def test_model_inputs_standardise_valid_frames_and_keep_padding():
   batch['audio_mask'][0, -1] = 0.0
   stats = {'audio_mean': np.arange(5, dtype=np.float32), 'audio_std': np.full(5, 2, np.float32),
            'vision_mean': np.ones(7, np.float32), 'vision_std': np.full(7, 4, np.float32)}
-  out = model_inputs(batch, dict(tiny_consts(), **stats))
+  out = model_inputs(batch, dict(tiny.consts(), **stats))
   a, m = batch['audio'], batch['audio_mask'][..., None] > 0
   np.testing.assert_allclose(out['audio'], np.where(m, (a - np.arange(5)) / 2, a), rtol=1e-6)
   assert float(out['audio'][0, -1, 0]) == 123.0
@@ -62,20 +63,11 @@ def test_model_inputs_standardise_valid_frames_and_keep_padding():
   np.testing.assert_allclose(out['vision'], np.where(mv, (v - 1) / 4, v), rtol=1e-6)
 
 
+_SPEC = ModelSpec(seq_lens=(10, 13, 9), feature_dims=(5, 7), num_classes=3, aligned=False)
+
+
 def _tiny_inputs(B=6, seed=0):
-  rng = np.random.RandomState(seed)
-  L, La, Lv = 10, 13, 9
-  lens = rng.randint(4, L + 1, size=B)
-  mask = (np.arange(L)[None] < lens[:, None]).astype(np.float32)
-  ids = rng.randint(104, 128, size=(B, L))
-  ids[:, 0] = 101
-  ids[np.arange(B), lens - 1] = 102
-  am = (np.arange(La)[None] < rng.randint(3, La + 1, size=B)[:, None]).astype(np.float32)
-  vm = (np.arange(Lv)[None] < rng.randint(3, Lv + 1, size=B)[:, None]).astype(np.float32)
-  return {'text_ids': (ids * mask).astype(np.int32), 'text_mask': mask,
-          'text_segments': np.zeros((B, L), np.int32),
-          'audio': (rng.randn(B, La, 5) * am[..., None]).astype(np.float32), 'audio_mask': am,
-          'vision': (rng.randn(B, Lv, 7) * vm[..., None]).astype(np.float32), 'vision_mask': vm}
+  return {k: v for k, v in tiny.batch(B, seed, spec=_SPEC).items() if k in INPUT_KEYS}
 
 
 def _raw_scale(x, mask, scale, shift):
@@ -86,7 +78,7 @@ def test_predictions_do_not_depend_on_the_feature_scale():
   """Standardised with its own train statistics, data on another affine scale per dimension
   (×100 + 50 and ×0.01 − 3) gives the model the same inputs, hence the same log-probabilities
   (float32 rounding of the rescaling: 1e-4); with the raw inputs it does not."""
-  model = CIDer(TINY_BERT, 3, False, (48, 5, 7), (10, 13, 9), embed_dim=32, num_heads=4,
+  model = CIDer(tiny.TINY_BERT, 3, False, (48, 5, 7), (10, 13, 9), embed_dim=32, num_heads=4,
                 layers=2)
   train_b, test_b = _tiny_inputs(B=16, seed=0), _tiny_inputs(B=6, seed=1)
   scale_a, shift_a = np.linspace(1, 100, 5).astype(np.float32), np.float32(50)
@@ -97,7 +89,7 @@ def test_predictions_do_not_depend_on_the_feature_scale():
                 vision=_raw_scale(b['vision'], b['vision_mask'], scale_v, shift_v))
 
   feats = np.random.RandomState(2).randn(3, 48 + 5 + 7).astype(np.float32) * 0.1
-  base = dict(tiny_consts(), cls_feats=jnp.asarray(feats))
+  base = dict(tiny.consts(), cls_feats=jnp.asarray(feats))
   params = model.init(jax.random.PRNGKey(0), _tiny_inputs(B=2),
                       np.zeros((3, 2, 60), np.float32), np.full((2, 3), 1 / 3, np.float32))
   step = eval_step.make_eval_step(model, axis_name=None)
