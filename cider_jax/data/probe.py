@@ -39,6 +39,40 @@ def bag_of_words(ids, mask, vocab, drop_ids=()):
   return (ids[:, :, None] == keep[None, None, :]).any(axis=1).astype(np.float32)
 
 
+def bag_of_words_sparse(ids, mask, vocab):
+  """(N, |vocab|) float32 presence of each id of the sorted `vocab` among the attended
+  tokens, built by scatter: memory N * |vocab|, not N * L * |vocab| (large vocabularies)."""
+  vocab = np.asarray(vocab, np.int64)
+  ids = np.where(mask > 0, ids, -1).astype(np.int64)
+  out = np.zeros((ids.shape[0], vocab.size), np.float32)
+  if vocab.size == 0:
+    return out
+  col = np.searchsorted(vocab, ids).clip(0, vocab.size - 1)
+  hit = (ids >= 0) & (vocab[col] == ids)
+  rows = np.broadcast_to(np.arange(ids.shape[0])[:, None], ids.shape)
+  out[rows[hit], col[hit]] = 1.0
+  return out
+
+
+def text_probe(train_ids, train_mask, train_labels, evals, num_classes, min_count=2,
+               special: tokens.SpecialTokens = tokens.BERT):
+  """Accuracy of a bag-of-words logistic regression trained on one set of texts.
+
+  train_ids, train_mask: (N, L) token ids and attention mask; train_labels: (N,) int.
+  evals: {name: (ids (M, L), mask (M, L), labels (M,))}. The vocabulary is the non-special
+  tokens found in at least `min_count` training texts. Returns {name: accuracy}.
+  """
+  ids = np.where(train_mask > 0, train_ids, 0).astype(np.int64)
+  doc = np.unique(np.stack([np.repeat(np.arange(ids.shape[0]), ids.shape[1]),
+                            ids.reshape(-1)]), axis=1)[1]
+  words, df = np.unique(doc, return_counts=True)
+  vocab = np.setdiff1d(words[df >= min_count], special.ids)
+  predict = fit_logreg(bag_of_words_sparse(train_ids, train_mask, vocab),
+                       np.asarray(train_labels, np.int64), num_classes)
+  return {name: float(np.mean(predict(bag_of_words_sparse(i, m, vocab)) == np.asarray(y)))
+          for name, (i, m, y) in evals.items()}
+
+
 def bigram_codes(ids, mask, vocab_size=1 << 20):
   """(N, L-1) codes of adjacent attended token pairs (first * vocab_size + second); -1 where
   either token is not attended."""
