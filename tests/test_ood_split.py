@@ -175,12 +175,27 @@ def test_validator_accepts_the_output_written_by_the_cli(tmp_path, aligned, caps
   assert 'text probe accuracy' in capsys.readouterr().out
 
 
+def test_fields_not_per_example_are_dropped_and_listed():
+  data = make_mmsa((12, 5, 7))
+  data['train']['annotations'] = np.array(['x'] * 12, dtype=object)   # train only
+  for s in data:
+    data[s]['feature_names'] = np.array(['a', 'b'])                   # not one row per example
+  new, report = ood_split.repartition(data, 'binary', run_probe=False)
+  assert report['dropped_fields'] == ['annotations', 'feature_names']
+  assert 'annotations' not in new['train'] and 'audio' in new['test']
+  assert len(mmsa.splits_from_dict(new)['test']) == 7
+
+
 def test_reads_joblib_files(tmp_path):
   src = str(tmp_path / 'MOSI_aligned_50.pkl')
-  joblib.dump(_hand_made_pool(), src)
-  out = str(tmp_path / 'out.pkl')
-  assert ood_split.main([src, out, '--task', 'binary', '--min_count', '2', '--no_probe']) == 0
-  assert sorted(mmsa.load_mmsa(out)['train'].ids) != []
+  joblib.dump(_hand_made_pool(), src, compress=3)
+  plain = _write(tmp_path / 'plain.pkl', _hand_made_pool())
+  outs = [str(tmp_path / 'a.pkl'), str(tmp_path / 'b.pkl')]
+  for path, out in zip((src, plain), outs):
+    assert ood_split.main([path, out, '--task', 'binary', '--min_count', '2', '--strength', '100',
+                           '--no_probe']) == 0
+  joblib_out, plain_out = (mmsa.load_mmsa(out) for out in outs)
+  assert sorted(joblib_out['test'].ids) == sorted(plain_out['test'].ids) == ['b0', 'c0']
 
 
 def test_deterministic_from_the_seed():
@@ -257,3 +272,44 @@ def test_probe_drops_at_default_strength_and_not_at_zero():
   # examples, accuracy standard deviation ~0.025, so a gap within 0.06 is noise
   assert abs(iid['probe']['test_drop']) < 0.06
   assert ood['probe']['test_drop'] >= 0.05
+
+
+# ---------------------------------------------------------------------------- using the output
+
+
+def test_training_config_reads_the_output_by_file_or_by_ood_layout(tmp_path):
+  from configs import ood  # pylint: disable=g-import-not-at-top
+  src = _write(tmp_path / 'in.pkl', make_mmsa((30, 10, 14), aligned=True))
+  layout = tmp_path / 'data' / 'OOD_MOSI' / 'binary' / 'MOSI_aligned_50.pkl'
+  assert ood_split.main([src, str(layout), '--task', 'binary', '--no_probe']) == 0
+  by_dir = ood.get_config()
+  by_dir.data.dir, by_dir.data.aligned = str(tmp_path / 'data'), True
+  by_file = ood.get_config()
+  by_file.data.file, by_file.data.aligned = str(layout), True
+  for config in (by_dir, by_file):
+    splits = mmsa.load_mmsa(config)
+    assert [len(splits[s]) for s in mmsa.SPLITS] == [30, 10, 14]
+
+
+def test_meld_csvs_become_an_aligned_pickle_with_placeholders(tmp_path):
+  from cider_jax.data import meld  # pylint: disable=g-import-not-at-top
+  header = ('Sr No.,Utterance,Speaker,Emotion,Sentiment,Dialogue_ID,Utterance_ID,Season,'
+            'Episode,StartTime,EndTime\n')
+  rows = {'train': ['1,Oh my God!,Monica,surprise,positive,0,0,1,1,a,b',
+                    '2,No.,Ross,sadness,negative,0,1,1,1,a,b'],
+          'dev': ['1,"Okay, fine.",Joey,neutral,neutral,3,2,1,1,a,b'],
+          'test': ['1,I hate this,Rachel,anger,negative,7,0,1,1,a,b']}
+  for name, lines in rows.items():
+    (tmp_path / f'{name}_sent_emo.csv').write_text(header + '\n'.join(lines) + '\n')
+  out = str(tmp_path / 'meld.pkl')
+  assert meld.main([str(tmp_path), out, '--text_len', '12']) == 0
+  splits = mmsa.load_mmsa(out, aligned=True)
+  np.testing.assert_array_equal(splits['train'].label3, [2, 0])
+  np.testing.assert_array_equal(splits['train'].score, [1.0, -1.0])
+  assert list(splits['valid'].ids) == ['valid_dia3_utt2']
+  assert list(splits['valid'].raw_text) == ['Okay, fine.']
+  assert splits['test'].audio.shape == (1, 12, 1) and not splits['test'].audio.any()
+  # "i hate this": [CLS] i hate this [SEP]
+  assert splits['test'].text_lengths[0] == 5
+  (tmp_path / 'test_sent_emo.csv').write_text(header + '1,Hm,Ross,joy,happy,0,0,1,1,a,b\n')
+  assert meld.main([str(tmp_path), out]) == 1

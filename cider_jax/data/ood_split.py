@@ -18,7 +18,7 @@ the top of the ranking goes to train, the bottom to test, with the input's split
 strength 0 gives a stratified random (IID) split; a large strength sorts by score. The
 validation split is drawn like train (`like_train`, the default) or like test (`like_test`).
 
-  python -m cider_jax.data.ood_split IN.pkl OUT.pkl --task binary [--seed 0] [--strength 2]
+  python -m cider_jax.data.ood_split IN.pkl OUT.pkl --task binary [--seed 0] [--strength 1]
 
 writes OUT (a plain pickle in the input's format, every field carried over) and OUT's name
 with `.json` (the report: sizes, label distributions, bias words per split, text probe).
@@ -39,7 +39,7 @@ from cider_jax.data.validate import DataError
 
 SPLITS = mmsa.SPLITS
 VALID_MODES = ('like_train', 'like_test')
-DEFAULT_STRENGTH = 2.0
+DEFAULT_STRENGTH = 1.0
 _NUM_CLASSES = {'binary': 3, 'seven': 7}
 _SMOOTHING = 1.0  # a: prior pseudo-count of p(y | w)
 
@@ -50,23 +50,26 @@ _SMOOTHING = 1.0  # a: prior pseudo-count of p(y | w)
 def pool_fields(data: Mapping, splits: Mapping[str, mmsa.Split], source: str = '<data>'):
   """Concatenates train, valid and test field by field.
 
-  Returns (fields, sizes): fields {name: (N_total, ...) array} for every field present in all
-  three splits with one row per example (`id` and `raw_text` taken from the validated splits
-  when a file lacks them), sizes {split: N}. Fields that cannot be carried are an error.
+  Returns (fields, sizes, dropped): fields {name: (N_total, ...) array} for every field that
+  all three splits hold with one row per example (`id` and `raw_text` taken from the validated
+  splits when a file lacks them); sizes {split: N}; dropped, the names of the other fields
+  (not per example, or not in every split). A per-example field whose rows differ in shape
+  between splits cannot be pooled and is an error.
   """
   sizes = {s: len(splits[s]) for s in SPLITS}
-  names = [k for k in data['train'] if all(k in data[s] for s in SPLITS)]
-  fields = {}
-  for name in names:
+  fields, dropped = {}, []
+  for name in sorted(set().union(*(map(str, data[s]) for s in SPLITS))):
+    if not all(name in data[s] for s in SPLITS):
+      dropped.append(name)
+      continue
     parts = []
     for s in SPLITS:
       value = data[s][name]
       arr = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=object)
-      if arr.ndim == 0 or arr.shape[0] != sizes[s]:
-        raise DataError(f"{source}: split '{s}', field '{name}' has {arr.shape[:1] or 'no'} "
-                        f'rows; expected {sizes[s]} (one per example) to carry it over',
-                        split=s, field=name)
       parts.append(arr)
+    if any(p.ndim == 0 or p.shape[0] != sizes[s] for p, s in zip(parts, SPLITS)):
+      dropped.append(name)
+      continue
     if len({p.shape[1:] for p in parts}) > 1:
       raise DataError(f"{source}: field '{name}' has per-example shapes "
                       f'{[p.shape[1:] for p in parts]} in {list(SPLITS)}; expected one shape '
@@ -75,7 +78,7 @@ def pool_fields(data: Mapping, splits: Mapping[str, mmsa.Split], source: str = '
   for name, attr in (('id', 'ids'), ('raw_text', 'raw_text')):
     if name not in fields:
       fields[name] = np.concatenate([getattr(splits[s], attr) for s in SPLITS])
-  return fields, sizes
+  return fields, sizes, dropped
 
 
 # ---------------------------------------------------------------------------- bias score
@@ -282,7 +285,7 @@ def repartition(data: Mapping, task: str, *, seed: int = 0, strength: float = DE
     raise DataError(f'--min_count {min_count} / --top_k {top_k}: expected >= 1')
   num_classes = _NUM_CLASSES[task]
   splits = mmsa.splits_from_dict(data, source=source, special=special)
-  fields, sizes = pool_fields(data, splits, source)
+  fields, sizes, dropped = pool_fields(data, splits, source)
   ids = np.concatenate([splits[s].text_ids for s in SPLITS])
   mask = np.concatenate([splits[s].text_mask for s in SPLITS])
   labels = np.concatenate([splits[s].labels(task) for s in SPLITS]).astype(np.int64)
@@ -313,7 +316,7 @@ def repartition(data: Mapping, task: str, *, seed: int = 0, strength: float = DE
       'mean_bias_score': {s: float(scores[codes == c].mean()) if (codes == c).any() else None
                           for c, s in enumerate(SPLITS)},
       'bias_words': word_report(words, counts, present, labels, codes, prior, names),
-      'fields': sorted(fields),
+      'fields': sorted(fields), 'dropped_fields': dropped,
   }
   if run_probe:
     log('text probe on this split and on a random split of the same pool ...')
@@ -340,6 +343,9 @@ def format_report(report) -> str:
     corr = ' / '.join('  n/a' if row[s]['corr'] is None else f"{row[s]['corr']:+.3f}"
                       for s in ('pool',) + SPLITS)
     lines.append(f"  {row['word']:<14} ({row['class']})  {corr}")
+  if report.get('dropped_fields'):
+    lines.append('not carried over (not one row per example in every split): '
+                 + ', '.join(report['dropped_fields']))
   if 'probe' in report:
     p = report['probe']
     lines.append(f"text probe accuracy  this split: valid {p['this_split']['valid']:.3f} test "
