@@ -436,9 +436,13 @@ def main(argv=None) -> int:
     return 1
   report['input'] = os.path.abspath(args.input)
   report['output'] = os.path.abspath(args.output)
-  _write_atomic(args.output, lambda f: pickle.dump(new, f, protocol=pickle.HIGHEST_PROTOCOL))
-  _write_atomic(report_path(args.output),
-                lambda f: f.write(json.dumps(report, indent=1).encode()))
+  try:
+    _write_atomic(args.output, lambda f: pickle.dump(new, f, protocol=pickle.HIGHEST_PROTOCOL))
+    _write_atomic(report_path(args.output),
+                  lambda f: f.write(json.dumps(report, indent=1).encode()))
+  except OSError as e:
+    print(f'error: cannot write {args.output}: {e.strerror or e}', file=sys.stderr)
+    return 1
   print(format_report(report))
   print(f'wrote {args.output} and {report_path(args.output)}')
   return 0
