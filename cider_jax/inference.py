@@ -82,6 +82,9 @@ def frames(name: str, x, lengths, T: int, D: int):
       bad.append(BadRow(i, name, f'expected (frames, {D}) features, got {a.shape}'))
       continue
     n = a.shape[0] if lengths is None else int(lengths[i])
+    if a.shape[0] == 0:
+      bad.append(BadRow(i, name, 'no frames'))
+      continue
     if n < 1 or n > a.shape[0]:
       bad.append(BadRow(i, name, f'length {n}: expected 1 to {a.shape[0]} frames'))
       continue
@@ -131,8 +134,8 @@ def _use_compilation_cache(path: str) -> None:
 class Predictor:
   """A trained run, loaded once, that predicts new samples (see the module docstring).
 
-  Attributes: config, spec (shapes), class_names (C,), tau, tau_source ('report', 'given' or
-  'none'), buckets, compiled_buckets (the batch sizes compiled so far).
+  Attributes: config, spec (shapes), tokenizer, class_names (C,), tau, tau_source ('report',
+  'given' or 'none'), buckets, compiled_buckets (the batch sizes compiled so far).
   """
 
   def __init__(self, workdir: str, tau: Optional[float] = None,
@@ -159,21 +162,14 @@ class Predictor:
                                        tuple(str(k) for k in range(self.spec.num_classes)))
     self.buckets = tuple(sorted({int(b) for b in buckets}))
     self.tau, self.tau_source = _run_tau(workdir, tau)
-    self._tokenizer = None
+    from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
+    self.tokenizer = AutoTokenizer.from_pretrained(
+        bert.resolve_path(self.config.model.text_encoder.path))
     self._step = jax.jit(functools.partial(eval_step.eval_step, model=self.model,
                                            special=self.special))
     self._programs = {}
 
   # ---------------------------------------------------------------------------- inputs
-
-  @property
-  def tokenizer(self):
-    """The run's tokenizer (transformers), loaded on first use."""
-    if self._tokenizer is None:
-      from transformers import AutoTokenizer  # pylint: disable=g-import-not-at-top
-      self._tokenizer = AutoTokenizer.from_pretrained(
-          bert.resolve_path(self.config.model.text_encoder.path))
-    return self._tokenizer
 
   def prepare(self, texts=None, audio=(), vision=(), audio_lengths=None, vision_lengths=None,
               text_bert=None):
