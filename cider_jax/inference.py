@@ -15,10 +15,15 @@ the validation split), 0 when the run has no report, unless given.
 What is read once: the best checkpoint's parameters (from abstract shapes, no optimizer
 state), the train-split constants (prototypes, bias words, audio / vision standardisation
 statistics, applied inside the compiled step), the tokenizer and τ. Batches are padded to a
-few fixed sizes (`buckets`; more examples than the largest run in chunks of it), each compiled
-once on first use, so a stream of single utterances reuses one program and a batch of 300 two.
+few fixed sizes (`buckets`, default 1, 8, 64; more examples than the largest run in chunks of
+it: on 2 CPU cores chunks of 64 ran a batch of 256 faster than one padded batch of 256, see
+docs/performance.md), each compiled once on first use, so a stream of single utterances reuses
+one program and a batch of 256 another.
 Compiled programs go to the run's persistent XLA cache (config.train.compilation_cache) unless
-the process already has one: a second process loads them instead of compiling.
+the process already has one: a second process loads them instead of compiling (JAX reads the
+cache folder when it first compiles: a process that compiled something before the Predictor
+keeps the cache it had). Padding never changes a prediction (each example is computed on its
+own), except under model.positions='reference', the original's batch-position quirk.
 """
 import functools
 import json
@@ -34,7 +39,7 @@ from cider_jax import eval_step, evaluate, parallel
 from cider_jax.models import bert
 from cider_jax.train_step import INPUT_KEYS
 
-DEFAULT_BUCKETS = (1, 8, 64, 256)
+DEFAULT_BUCKETS = (1, 8, 64)
 CLASS_NAMES = {3: ('negative', 'neutral', 'positive'),
                7: ('-3', '-2', '-1', '0', '+1', '+2', '+3')}
 
