@@ -184,25 +184,26 @@ class Predictor:
     L, La, Lv = self.spec.seq_lens
     Da, Dv = self.spec.feature_dims
     if (texts is None) == (text_bert is None):
-      raise ValueError('give the texts or their token ids (text_bert), not both')
+      raise ValueError('give either the texts or their token ids (text_bert)')
     if texts is not None:
       texts = list(texts)
       n = len(texts)
       bad = [BadRow(i, 'text', 'empty text' if isinstance(t, str) else
                     f'expected a string, got {type(t).__name__}')
              for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
-      safe = [t if isinstance(t, str) and t.strip() else '.' for t in texts]
+      safe = [t if isinstance(t, str) and t.strip() else '.' for t in texts] or ['.']
       enc = self.tokenizer(safe, padding='max_length', truncation=True, max_length=L,
                            return_tensors='np')
-      ids = enc['input_ids'].astype(np.int32)
-      mask = enc['attention_mask'].astype(np.float32)
-      seg = enc['token_type_ids'].astype(np.int32)
+      ids = enc['input_ids'][:n].astype(np.int32)
+      mask = enc['attention_mask'][:n].astype(np.float32)
+      seg = enc['token_type_ids'][:n].astype(np.int32)
     else:
       ids, mask, seg, bad = token_rows(text_bert, L, self.vocab_size)
       n = len(ids)
-    if not n == len(audio) == len(vision):
-      raise ValueError(f'texts, audio and vision must have the same number of samples, got '
-                       f'{n}, {len(audio)}, {len(vision)}')
+    counts = [len(x) for x in (audio, vision, audio_lengths, vision_lengths) if x is not None]
+    if any(c != n for c in counts):
+      raise ValueError(f'texts, audio, vision (and their lengths) must have the same number of '
+                       f'samples, got {n} and {counts}')
     a, am, bad_a = frames('audio', audio, audio_lengths, La, Da)
     v, vm, bad_v = frames('vision', vision, vision_lengths, Lv, Dv)
     if self.spec.aligned:

@@ -75,7 +75,10 @@ def read_pickle_input(path: str, split: str, predictor) -> Examples:
       raise InputError(f'{path}: field {key!r} missing (split {split!r})')
   if 'text_bert' not in data and 'raw_text' not in data:
     raise InputError(f'{path}: neither text_bert (token ids) nor raw_text (split {split!r})')
-  audio, vision = (np.asarray(data[k], np.float32) for k in ('audio', 'vision'))
+  try:
+    audio, vision = (np.asarray(data[k], np.float32) for k in ('audio', 'vision'))
+  except (TypeError, ValueError) as e:
+    raise InputError(f'{path}: audio / vision are not numeric arrays ({e})') from None
   audio = np.where(np.isneginf(audio), 0.0, audio)   # as the MMSA reader: -inf frames are 0
   n = len(audio)
   args = {'audio': audio, 'vision': vision}
@@ -107,8 +110,9 @@ def read_csv_input(path: str, predictor) -> Examples:
   from cider_jax.inference import BadRow  # pylint: disable=g-import-not-at-top
   folder = os.path.dirname(os.path.abspath(path))
   with open(path, newline='', encoding='utf-8') as f:
-    rows = list(csv.DictReader(f))
-    fields = set(rows[0]) if rows else set()
+    reader = csv.DictReader(f)
+    rows = list(reader)
+    fields = set(reader.fieldnames or ())
   missing = [c for c in ('text', 'audio', 'vision') if c not in fields]
   if missing:
     raise InputError(f'{path}: column(s) {", ".join(missing)} missing; expected a header '
