@@ -84,6 +84,9 @@ def read_pickle_input(path: str, split: str, predictor) -> Examples:
   args = {'audio': audio, 'vision': vision}
   if 'text_bert' in data:
     args['text_bert'] = np.asarray(data['text_bert'])
+    if args['text_bert'].ndim != 3 or args['text_bert'].shape[1] != 3:
+      raise InputError(f'{path}: text_bert has shape {args["text_bert"].shape}; expected '
+                       '(N, 3, L) token ids / attention mask / segment ids')
     text_len = args['text_bert'][:, 1].sum(axis=1).astype(np.int64)
   else:
     args['texts'] = [str(t) for t in data['raw_text']]
