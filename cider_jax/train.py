@@ -165,8 +165,15 @@ class _Run:
   log: MetricsLog
 
 
-def train_and_evaluate(config, workdir: str) -> Optional[dict]:
-  """Train (resuming from <workdir>/checkpoints/latest if present), then evaluate the best."""
+def train_and_evaluate(config, workdir: str,
+                       on_epoch: Optional[Callable[[int, float], None]] = None
+                       ) -> Optional[dict]:
+  """Train (resuming from <workdir>/checkpoints/latest if present), then evaluate the best.
+
+  on_epoch(epoch, value): called after each epoch's validation and checkpoints with the number
+  of epochs done and the epoch's main validation metric on complete input (a sweep reports it
+  to its pruner); an exception it raises ends the run there.
+  """
   parallel.initialize(config.distributed)
   configuration.validate(config, workdir=workdir)  # after initialize: it counts the devices
   parallel.enable_compilation_cache(config.train.compilation_cache)
@@ -182,7 +189,9 @@ def train_and_evaluate(config, workdir: str) -> Optional[dict]:
         run.ckpts.save('latest', step, parallel.unreplicate(r_state), run.save_meta())
         print(f'saved step {step} (mid-epoch); run the same command again to resume', flush=True)
         return None
-      _end_epoch(run, r_state, step, t0)
+      value = _end_epoch(run, r_state, step, t0)
+      if on_epoch is not None:
+        on_epoch(run.meta['epoch'], value)
   if ckpt_lib.is_writer():
     _plot_curves(run.log.path, epath.Path(workdir) / 'training_curves.png')
   if stop.requested:
@@ -275,7 +284,7 @@ def _train_epoch(run: _Run, r_state, stop) -> Tuple[Any, int, int]:
   return r_state, step, position
 
 
-def _end_epoch(run: _Run, r_state, step: int, t0: float) -> None:
+def _end_epoch(run: _Run, r_state, step: int, t0: float) -> float:
   """Validation, early-stopping bookkeeping, the metrics record and the checkpoints."""
   config, meta = run.config, run.meta
   main, rate = metrics.main_metric(config.task), config.eval.valid_rate
@@ -299,6 +308,7 @@ def _end_epoch(run: _Run, r_state, step: int, t0: float) -> None:
   if improved:
     run.ckpts.save('best', step, host_state, run.save_meta())
   run.ckpts.save('latest', step, host_state, run.save_meta())
+  return v_full[main]  # the epoch's main validation metric, complete input
 
 
 def _early_stopping(meta: dict, score: float, step: int, config) -> bool:

@@ -107,6 +107,34 @@ def get_config() -> ml_collections.ConfigDict:
   ev.seed = 1111                # mask seed: every checkpoint sees the same masks
   ev.valid_rate = 0.5           # RMFM rate of the masked validation run during training
 
+  # ---------------------------------------------------------------- sweep (launch/sweep.py)
+  config.sweep = sweep = ml_collections.ConfigDict()
+  sweep.seed = 0                # seed of the TPE sampler
+  sweep.startup_trials = 10     # TPE's first trials sampled at random
+  sweep.pruner = 'median'       # 'median': stop a trial whose validation metric falls below the
+  #                               median of earlier trials at the same epoch; 'none': never
+  sweep.pruner_startup_trials = 5  # trials finished before the pruner acts
+  sweep.pruner_warmup_epochs = 2   # epochs of each trial before it may be pruned
+  sweep.heartbeat_s = 60        # a running trial's heartbeat interval (database storages)
+  sweep.grace_s = 180           # a trial without heartbeat this long is failed and retried
+  sweep.max_retry = 3           # retries of a trial whose worker died
+  sweep.study_name = 'cider'    # the study within the storage
+  sweep.first_trial_default = True  # trial 0 takes the config's own values (a baseline)
+  # the search space (the original's): <config field> = ('int', low, high[, step]),
+  # ('float', low, high[, step]) or ('choice', value, value, ...); bounds inclusive.
+  # Remove an entry, or give it one value ('choice', v), to fix that field.
+  sweep.space = space = ml_collections.ConfigDict()
+  space.model = ml_collections.ConfigDict()
+  space.model.layers = ('int', 1, 4)
+  space.model.num_heads = ('choice', 1, 2, 4, 8)
+  space.model.attn_dropout = ('float', 0.0, 0.5, 0.1)
+  space.model.out_dropout = ('float', 0.0, 0.5, 0.1)
+  space.model.embed_dropout = ('float', 0.0, 0.5, 0.1)
+  space.loss = ml_collections.ConfigDict()
+  space.loss.w_rep = ('float', 0.0, 1.0, 0.1)
+  space.loss.w_attn = ('float', 0.0, 1.0, 0.1)
+  space.loss.w_rec = ('float', 0.0, 1.0, 0.1)
+
   # ---------------------------------------------------------------- multi-host
   config.distributed = ml_collections.ConfigDict()
   config.distributed.initialize = False  # call jax.distributed.initialize (Cloud TPU / multi-host)
