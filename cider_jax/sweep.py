@@ -81,7 +81,7 @@ def trial_config(base, values: dict, workdir):
   trials; no evaluation at the end of training (only the best trial is evaluated)."""
   config = search_space.apply(base, values)
   config.train.evaluate_at_end = False
-  if not config.data.cache_dir:
+  if not config.data.cache_dir and ckpt_lib.is_local(workdir):
     config.data.cache_dir = os.fspath(epath.Path(workdir) / 'data')
   return config
 
@@ -209,6 +209,16 @@ def _check(config, workdir, trials):
     raise SweepError(f'--trials is {trials!r}; expected a positive integer')
 
 
+def _retry_running(study) -> None:
+  import optuna  # pylint: disable=g-import-not-at-top
+  retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
+  for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    if study._storage.set_trial_state_values(  # pylint: disable=protected-access
+        t._trial_id, optuna.trial.TrialState.FAIL):  # pylint: disable=protected-access
+      retry(study, t)
+      print(f'trial {t.number} was running: marked failed, queued again', flush=True)
+
+
 def _counts(study) -> dict:
   out = {}
   for t in study.get_trials(deepcopy=False):
@@ -263,9 +273,13 @@ def remove_beaten_checkpoints(study, workdir) -> None:
 
 
 def run(config, workdir: str, trials: int, storage: Optional[str] = None,
-        run_trial: Callable = train_trial,
+        retry_running: bool = False, run_trial: Callable = train_trial,
         evaluate_best: Callable = evaluate_trial) -> Optional[dict]:
   """Runs trials until the study holds `trials` finished ones; writes and returns best.json.
+
+  retry_running: first mark every running trial of the study failed and queue its retry (a
+  journal storage keeps no heartbeat: its dead workers' trials are retried so, when no other
+  worker is running).
 
   run_trial(config, trial_dir, report) -> value: one trial (default: a training run);
   report(epoch, value) may raise optuna.TrialPruned. evaluate_best(config, trial_dir): the
@@ -299,6 +313,8 @@ def run(config, workdir: str, trials: int, storage: Optional[str] = None,
       study.enqueue_trial(defaults)
   if hasattr(store, 'get_heartbeat_interval'):
     optuna.storages.fail_stale_trials(study)
+  if retry_running:
+    _retry_running(study)
   done = _finished(study)
   print(f'study {s.study_name!r} in {shown}: {done} of {trials} trials finished '
         f'({_counts(study)}); objective: validation {metrics.main_metric(config.task)}',

@@ -35,6 +35,11 @@ _STORAGE = flags.DEFINE_string(
     'URL Optuna supports (postgresql://USER:PASSWORD@HOST/DB, mysql+pymysql://…, sqlite:///'
     'PATH) or the path of an Optuna journal file on a shared file system. Workers started on '
     'several machines with the same --storage share the study.')
+_RETRY_RUNNING = flags.DEFINE_bool(
+    'retry_running', False, 'First mark the trials the study shows as running failed and run '
+    'them again from their checkpoints: after a worker died on a journal-file storage (which '
+    'keeps no heartbeat), when no other worker is running. Database storages need not: a '
+    'trial without heartbeat for config.sweep.grace_s is retried by the next worker.')
 flags.mark_flags_as_required(['config', 'workdir', 'trials'])
 
 
@@ -44,7 +49,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from cider_jax import checkpoint, evaluate, search_space, sweep
   try:
-    sweep.run(_CONFIG.value, _WORKDIR.value, _TRIALS.value, _STORAGE.value)
+    sweep.run(_CONFIG.value, _WORKDIR.value, _TRIALS.value, _STORAGE.value,
+              retry_running=_RETRY_RUNNING.value)
   except (configuration.ConfigError, DataError, sweep.SweepError,
           search_space.SearchSpaceError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)

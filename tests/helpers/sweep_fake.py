@@ -6,6 +6,7 @@ hand; every epoch writes `checkpoints/best.txt` and `progress.json` (epochs done
 from which a trial continued in the same folder resumes. Environment knobs:
 
   FAKE_HANG_TRIAL=k      trial k hangs after its first epoch (for killing its worker)
+  FAKE_STOP_TRIAL=k      trial k stops on request after its first epoch (as on SIGTERM)
   FAKE_EPOCH_S=s         seconds each epoch takes (two workers overlapping)
   FAKE_BY_NUMBER=1       score by trial number instead (1 - 0.1 * number + 0.01 * epoch)
 """
@@ -36,6 +37,9 @@ def fake_trial(config, trial_dir, report):
   for epoch in range(progress['epoch'] + 1, config.train.num_epochs + 1):
     if os.environ.get('FAKE_HANG_TRIAL') == str(number) and epoch == 2:
       time.sleep(3600)
+    if os.environ.get('FAKE_STOP_TRIAL') == str(number) and epoch == 2:
+      from cider_jax import sweep  # pylint: disable=g-import-not-at-top
+      raise sweep.Stopped(trial_dir)
     time.sleep(float(os.environ.get('FAKE_EPOCH_S', '0')))
     value = score(params, epoch, number)
     progress['best'] = value if progress['best'] is None else max(progress['best'], value)
