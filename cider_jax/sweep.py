@@ -191,7 +191,7 @@ def _pruner(sweep_cfg):
 
 
 def _check(config, workdir, trials):
-  configuration.validate(config, workdir=workdir, check_devices=False)
+  configuration.validate(config, workdir=workdir)
   s = config.sweep
   if s.pruner not in ('median', 'none'):
     raise SweepError(f"config.sweep.pruner is {s.pruner!r}; expected 'median' or 'none'")
@@ -231,16 +231,21 @@ def _finished(study) -> int:
   return sum(c.get(s, 0) for s in FINISHED)
 
 
-def _best(study):
-  try:
-    return study.best_trial
-  except ValueError:  # no complete trial yet
-    return None
+def _best(study, trials=None):
+  """The complete trial of highest value (the earliest of equals), or None; of `trials`, a
+  snapshot of the study's, when given."""
+  trials = study.get_trials(deepcopy=False) if trials is None else trials
+  complete = [t for t in trials if t.state.name == 'COMPLETE']
+  return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+MAX_FAILED_IN_A_ROW = 3
 
 
 def _after_trial(workdir, target, params):
   """The callback run after each trial: a progress line, old checkpoints removed, stop at
-  `target` finished trials."""
+  `target` finished trials; a SweepError after MAX_FAILED_IN_A_ROW failed trials in a row."""
+  failed = []
 
   def callback(study, trial):
     best = _best(study)
@@ -253,6 +258,10 @@ def _after_trial(workdir, target, params):
           f'{value}; best {best_s}; ' + ' '.join(f'{k}={v}' for k, v in values.items()),
           flush=True)
     remove_beaten_checkpoints(study, workdir)
+    failed[:] = failed + [trial.number] if trial.state.name == 'FAIL' else []
+    if len(failed) >= MAX_FAILED_IN_A_ROW:
+      raise SweepError(f'trials {", ".join(map(str, failed))} failed in a row (the errors '
+                       'are above); stopped: check the configuration')
     if _finished(study) >= target:
       study.stop()
 
@@ -264,8 +273,9 @@ def remove_beaten_checkpoints(study, workdir) -> None:
 
   Failed trials keep theirs: a retry continues from them, or they show where a run failed.
   """
-  best = _best(study)
-  for t in study.get_trials(deepcopy=False):
+  trials = study.get_trials(deepcopy=False)  # one snapshot: a trial completing meanwhile
+  best = _best(study, trials)                # is not in it as finished
+  for t in trials:
     if t.state.name in FINISHED and (best is None or t.number != best.number):
       ckpts = trial_dir(workdir, t.number) / 'checkpoints'
       if ckpts.exists():

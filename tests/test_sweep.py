@@ -184,6 +184,13 @@ def test_a_worker_stopped_on_request_queues_its_trial_again(tmp_path, monkeypatc
   assert done['resumed_from'] == 1 and len(done['values']) == 3
 
 
+def test_a_sweep_whose_trials_all_fail_stops(tmp_path, monkeypatch):
+  monkeypatch.setenv('FAKE_DIVERGE', '1')
+  with pytest.raises(sweep.SweepError, match='trials 0, 1, 2 failed in a row'):
+    _run(tmp_path, 5)
+  assert _states(_study(tmp_path)) == ['FAIL'] * 3
+
+
 def test_retry_running_requeues_a_journal_study_s_running_trials(tmp_path):
   storage = str(tmp_path / 'study.log')
   _run(tmp_path, 1, storage)

@@ -8,6 +8,7 @@ from which a trial continued in the same folder resumes. Environment knobs:
   FAKE_HANG_TRIAL=k      trial k hangs after its first epoch (for killing its worker)
   FAKE_STOP_TRIAL=k      trial k stops on request after its first epoch (as on SIGTERM)
   FAKE_EPOCH_S=s         seconds each epoch takes (two workers overlapping)
+  FAKE_DIVERGE=1         every trial stops with a non-finite loss (train.TrainingError)
   FAKE_BY_NUMBER=1       score by trial number instead (1 - 0.1 * number + 0.01 * epoch)
 """
 import json
@@ -41,6 +42,9 @@ def fake_trial(config, trial_dir, report):
       from cider_jax import sweep  # pylint: disable=g-import-not-at-top
       raise sweep.Stopped(trial_dir)
     time.sleep(float(os.environ.get('FAKE_EPOCH_S', '0')))
+    if os.environ.get('FAKE_DIVERGE'):
+      from cider_jax import train  # pylint: disable=g-import-not-at-top
+      raise train.TrainingError(f'non-finite loss at epoch {epoch}')
     value = score(params, epoch, number)
     progress['best'] = value if progress['best'] is None else max(progress['best'], value)
     progress['epoch'] = epoch
