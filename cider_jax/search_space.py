@@ -44,6 +44,12 @@ class Param:
     n = int(math.floor((high - low) / step + 1e-9)) + 1
     return [grid_value(low, step, k, self.kind) for k in range(n)]
 
+  def contains(self, value) -> bool:
+    """Whether `value` is one this parameter can take."""
+    if self.kind == 'choice' or self.args[2] is not None:
+      return value in self.candidates()
+    return _is_number(value) and self.args[0] <= value <= self.args[1]
+
   def suggest(self, trial) -> Any:
     """The value of an Optuna trial (`trial.suggest_*`)."""
     if self.kind == 'choice':

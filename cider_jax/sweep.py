@@ -34,14 +34,11 @@ from etils import epath
 
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import configuration, metrics, search_space
+from cider_jax import study as study_lib
 
 # optuna and JAX are imported where they are used: the launcher checks its flags first.
 
-FINISHED = ('COMPLETE', 'PRUNED')
-
-
-class SweepError(ValueError):
-  """A sweep that cannot start: bad search space, unreachable storage, unusable setting."""
+SweepError = study_lib.SweepError
 
 
 class Stopped(Exception):
@@ -130,66 +127,6 @@ def _objective(trial, *, base, params, workdir, run_trial):
 
 # ------------------------------------------------------------------------------ the study
 
-def _storage(url: Optional[str], workdir, sweep_cfg):
-  """(storage, printable name): an RDB storage with heartbeat, or a journal file."""
-  import optuna  # pylint: disable=g-import-not-at-top
-  if url is None:
-    if not ckpt_lib.is_local(workdir):
-      raise SweepError(f'workdir {workdir!r} is not local: the default storage '
-                       '(an SQLite file in the workdir) needs a local workdir; pass --storage')
-    url = 'sqlite:///' + os.path.abspath(os.path.join(workdir, 'study.db'))
-  if '://' not in url:  # a journal file
-    parent = os.path.dirname(os.path.abspath(url))
-    if not os.path.isdir(parent):
-      raise SweepError(f'--storage {url}: the journal file\'s folder {parent} does not exist')
-    from optuna.storages import journal  # pylint: disable=g-import-not-at-top
-    return journal.JournalStorage(journal.JournalFileBackend(url)), url
-  import sqlalchemy  # pylint: disable=g-import-not-at-top
-  try:
-    shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-  except Exception:  # pylint: disable=broad-except
-    raise SweepError(f'--storage {url!r} is not a database URL (dialect://user:password@host/'
-                     'database) nor a journal file path') from None
-  engine_kwargs = {'connect_args': {'timeout': 60}} if url.startswith('sqlite') else {}
-  retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=sweep_cfg.max_retry,
-                                                   inherit_intermediate_values=True)
-  try:
-    storage = optuna.storages.RDBStorage(
-        url, engine_kwargs=engine_kwargs, heartbeat_interval=int(sweep_cfg.heartbeat_s),
-        grace_period=int(sweep_cfg.grace_s), heartbeat_stale_trial_callback=retry)
-  except Exception as e:  # pylint: disable=broad-except
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    hint = (f'; install the database driver of {url.split(":", 1)[0]} (e.g. psycopg2-binary '
-            'for postgresql, PyMySQL for mysql+pymysql)' if isinstance(e, ImportError) else '')
-    raise SweepError(f'--storage {shown}: cannot open the study storage ({type(e).__name__}: '
-                     f'{first}){hint}') from None
-  return storage, shown
-
-
-def _sampler(seed: int, startup_trials: int):
-  """A TPE sampler whose random draws for trial k depend on (seed, k) only: one worker is
-  reproducible, and workers started with the same seed on one study sample different trials."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import optuna  # pylint: disable=g-import-not-at-top
-
-  class TrialSeededTPE(optuna.samplers.TPESampler):
-
-    def before_trial(self, study, trial):
-      super().before_trial(study, trial)
-      for i, rng in enumerate((self._rng, self._random_sampler._rng)):  # pylint: disable=protected-access
-        rng.rng.set_state(np.random.RandomState([seed % 2**32, trial.number, i]).get_state())
-
-  return TrialSeededTPE(seed=seed, n_startup_trials=startup_trials)
-
-
-def _pruner(sweep_cfg):
-  import optuna  # pylint: disable=g-import-not-at-top
-  if sweep_cfg.pruner == 'none':
-    return optuna.pruners.NopPruner()
-  return optuna.pruners.MedianPruner(n_startup_trials=sweep_cfg.pruner_startup_trials,
-                                     n_warmup_steps=sweep_cfg.pruner_warmup_epochs)
-
-
 def _check(config, workdir, trials):
   configuration.validate(config, workdir=workdir)
   s = config.sweep
@@ -209,36 +146,6 @@ def _check(config, workdir, trials):
     raise SweepError(f'--trials is {trials!r}; expected a positive integer')
 
 
-def _retry_running(study) -> None:
-  import optuna  # pylint: disable=g-import-not-at-top
-  retry = optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
-  for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-    if study._storage.set_trial_state_values(  # pylint: disable=protected-access
-        t._trial_id, optuna.trial.TrialState.FAIL):  # pylint: disable=protected-access
-      retry(study, t)
-      print(f'trial {t.number} was running: marked failed, queued again', flush=True)
-
-
-def _counts(study) -> dict:
-  out = {}
-  for t in study.get_trials(deepcopy=False):
-    out[t.state.name] = out.get(t.state.name, 0) + 1
-  return out
-
-
-def _finished(study) -> int:
-  c = _counts(study)
-  return sum(c.get(s, 0) for s in FINISHED)
-
-
-def _best(study, trials=None):
-  """The complete trial of highest value (the earliest of equals), or None; of `trials`, a
-  snapshot of the study's, when given."""
-  trials = study.get_trials(deepcopy=False) if trials is None else trials
-  complete = [t for t in trials if t.state.name == 'COMPLETE']
-  return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
-
-
 MAX_FAILED_IN_A_ROW = 3
 
 
@@ -248,13 +155,13 @@ def _after_trial(workdir, target, params):
   failed = []
 
   def callback(study, trial):
-    best = _best(study)
+    best = study_lib.best(study)
     value = 'failed' if trial.value is None and trial.state.name == 'FAIL' else (
         f'{trial.value:.4f}' if trial.value is not None else
         f'pruned at epoch {trial.last_step}')
     best_s = f'{best.value:.4f} (trial {best.number})' if best else '-'
     values = search_space.values_of(params, trial.params)
-    print(f'[{_finished(study)}/{target}] trial {trial.number} {trial.state.name.lower()}: '
+    print(f'[{study_lib.finished(study)}/{target}] trial {trial.number} {trial.state.name.lower()}: '
           f'{value}; best {best_s}; ' + ' '.join(f'{k}={v}' for k, v in values.items()),
           flush=True)
     remove_beaten_checkpoints(study, workdir)
@@ -262,7 +169,7 @@ def _after_trial(workdir, target, params):
     if len(failed) >= MAX_FAILED_IN_A_ROW:
       raise SweepError(f'trials {", ".join(map(str, failed))} failed in a row (the errors '
                        'are above); stopped: check the configuration')
-    if _finished(study) >= target:
+    if study_lib.finished(study) >= target:
       study.stop()
 
   return callback
@@ -273,10 +180,11 @@ def remove_beaten_checkpoints(study, workdir) -> None:
 
   Failed trials keep theirs: a retry continues from them, or they show where a run failed.
   """
-  trials = study.get_trials(deepcopy=False)  # one snapshot: a trial completing meanwhile
-  best = _best(study, trials)                # is not in it as finished
+  # one snapshot: a trial completing after it is not in it as finished, so is kept
+  trials = study.get_trials(deepcopy=False)
+  best = study_lib.best(study, trials)
   for t in trials:
-    if t.state.name in FINISHED and (best is None or t.number != best.number):
+    if t.state.name in study_lib.FINISHED and (best is None or t.number != best.number):
       ckpts = trial_dir(workdir, t.number) / 'checkpoints'
       if ckpts.exists():
         ckpts.rmtree()
@@ -302,41 +210,28 @@ def run(config, workdir: str, trials: int, storage: Optional[str] = None,
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   optuna.logging.set_verbosity(optuna.logging.WARNING)
   warnings.filterwarnings('ignore', category=optuna.exceptions.ExperimentalWarning)
-  store, shown = _storage(storage, workdir, config.sweep)
   s = config.sweep
-  try:
-    study = optuna.create_study(
-        storage=store, study_name=s.study_name, direction='maximize',
-        sampler=_sampler(s.seed, s.startup_trials), pruner=_pruner(s),
-        load_if_exists=True)
-  except Exception as e:  # pylint: disable=broad-except
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise SweepError(f'--storage {shown}: cannot open study {s.study_name!r} '
-                     f'({type(e).__name__}: {first})') from None
-  if study.direction.name != 'MAXIMIZE':
-    raise SweepError(f'study {s.study_name!r} in {shown} minimises; use another '
-                     'config.sweep.study_name')
+  study, shown = study_lib.open_study(storage, workdir, s)
   if s.first_trial_default and not study.get_trials(deepcopy=False):
     defaults = {p.name: search_space.get_field(config, p.name) for p in params}
-    if all(v in p.candidates() or p.kind == 'float' and p.args[2] is None
-           and p.args[0] <= v <= p.args[1] for p, v in zip(params, defaults.values())):
+    if all(p.contains(defaults[p.name]) for p in params):  # else TPE starts at random
       study.enqueue_trial(defaults)
-  if hasattr(store, 'get_heartbeat_interval'):
-    optuna.storages.fail_stale_trials(study)
+  optuna.storages.fail_stale_trials(study)  # database storages: dead workers' trials
   if retry_running:
-    _retry_running(study)
-  done = _finished(study)
+    study_lib.retry_running(study)
+  done = study_lib.finished(study)
   print(f'study {s.study_name!r} in {shown}: {done} of {trials} trials finished '
-        f'({_counts(study)}); objective: validation {metrics.main_metric(config.task)}',
+        f'({study_lib.counts(study)}); objective: validation {metrics.main_metric(config.task)}',
         flush=True)
   if done < trials:
-    from cider_jax import checkpoint, train  # pylint: disable=g-import-not-at-top
+    from cider_jax import train  # pylint: disable=g-import-not-at-top
     objective = lambda trial: _objective(trial, base=config, params=params, workdir=workdir,
                                          run_trial=run_trial)
+    # a trial that diverges or whose values do not fit together fails; the sweep goes on
+    failures = (train.TrainingError, ckpt_lib.CheckpointError, configuration.ConfigError)
     try:
-      study.optimize(objective, callbacks=[_after_trial(workdir, trials, params)], gc_after_trial=True,
-                     catch=(train.TrainingError, checkpoint.CheckpointError,
-                            configuration.ConfigError))
+      study.optimize(objective, callbacks=[_after_trial(workdir, trials, params)],
+                     gc_after_trial=True, catch=failures)
     except Stopped:
       print('stopped on request; the interrupted trial is queued again: run the same command '
             'to continue', flush=True)
@@ -349,13 +244,13 @@ def run(config, workdir: str, trials: int, storage: Optional[str] = None,
 def finish(study, config, params, workdir, shown: str = '',
            evaluate_best: Callable = evaluate_trial) -> Optional[dict]:
   """best.json, trials.csv, plots; the best trial's evaluation once no trial is running."""
-  best = _best(study)
+  best = study_lib.best(study)
   _write_trials_csv(study, params, workdir)
   if best is None:
     print('no complete trial yet: nothing to report', flush=True)
     return None
   _plots(study, workdir)
-  counts = _counts(study)
+  counts = study_lib.counts(study)
   bdir = trial_dir(workdir, best.number)
   report = bdir / 'eval' / 'report.json'
   values = search_space.values_of(params, best.params)
