@@ -260,16 +260,16 @@ def finish(study, config, params, workdir, shown: str = '',
          'workdir': os.path.relpath(os.fspath(bdir), os.fspath(workdir)),
          'eval_report': None, 'trials': counts, 'storage': shown,
          'study_name': config.sweep.study_name}
-  busy = counts.get('RUNNING', 0) + counts.get('WAITING', 0)
-  if not report.exists() and busy == 0:
+  running = counts.get('RUNNING', 0)  # queued (WAITING) trials beyond --trials never run
+  if not report.exists() and not running:
     print(f'evaluating the best trial, {best.number} (validation {best.value:.4f})', flush=True)
     evaluate_best(trial_config(config, values, workdir), os.fspath(bdir))
   if report.exists():
     out['eval_report'] = os.path.relpath(os.fspath(report), os.fspath(workdir))
-  elif busy:
-    print(f'{busy} trial(s) still running or queued (other workers, or a dead worker\'s trial '
-          'awaiting its retry): the last worker to finish evaluates the best trial; or run '
-          'the command again later', flush=True)
+  else:
+    print(f'{running} trial(s) still running (in other workers, or left by a dead worker '
+          'until sweep.grace_s passes): the last worker to finish evaluates the best trial; '
+          'or run the command again later', flush=True)
   (epath.Path(workdir) / 'best.json').write_text(json.dumps(out, indent=1))
   print(f'best: trial {best.number}, validation {best.value:.4f}: '
         + ' '.join(out['flags']), flush=True)
