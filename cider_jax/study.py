@@ -81,7 +81,8 @@ def sampler(seed: int, startup_trials: int):
 
     def before_trial(self, study, trial):
       super().before_trial(study, trial)
-      for i, rng in enumerate((self._rng, self._random_sampler._rng)):  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      for i, rng in enumerate((self._rng, self._random_sampler._rng)):
         rng.rng.set_state(np.random.RandomState([seed % 2**32, trial.number, i]).get_state())
 
   return TrialSeededTPE(seed=seed, n_startup_trials=startup_trials)
@@ -122,7 +123,8 @@ def retry_running(study) -> None:
   storage = study._storage  # pylint: disable=protected-access
   for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
     try:
-      storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)  # pylint: disable=protected-access
+      # pylint: disable-next=protected-access
+      storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:  # it finished meanwhile
       continue
     retry(study, t)

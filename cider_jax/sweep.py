@@ -156,14 +156,15 @@ def _after_trial(workdir, target, params):
 
   def callback(study, trial):
     best = study_lib.best(study)
-    value = 'failed' if trial.value is None and trial.state.name == 'FAIL' else (
-        f'{trial.value:.4f}' if trial.value is not None else
-        f'pruned at epoch {trial.last_step}')
+    state = trial.state.name.lower()
+    if trial.value is not None:
+      state += f': {trial.value:.4f}'
+    elif trial.state.name == 'PRUNED':
+      state += f' at epoch {trial.last_step}'
     best_s = f'{best.value:.4f} (trial {best.number})' if best else '-'
     values = search_space.values_of(params, trial.params)
-    print(f'[{study_lib.finished(study)}/{target}] trial {trial.number} {trial.state.name.lower()}: '
-          f'{value}; best {best_s}; ' + ' '.join(f'{k}={v}' for k, v in values.items()),
-          flush=True)
+    print(f'[{study_lib.finished(study)}/{target}] trial {trial.number} {state}; best '
+          f'{best_s}; ' + ' '.join(f'{k}={v}' for k, v in values.items()), flush=True)
     remove_beaten_checkpoints(study, workdir)
     failed[:] = failed + [trial.number] if trial.state.name == 'FAIL' else []
     if len(failed) >= MAX_FAILED_IN_A_ROW:

@@ -37,11 +37,11 @@ def _run(workdir, trials, storage=None, retry_running=False, **fields):
                    run_trial=sweep_fake.fake_trial, evaluate_best=sweep_fake.fake_evaluate)
 
 
-def _worker(workdir, trials, env, *fields):
+def _worker(workdir, trials, env):
+  """A worker process running the pretend trials."""
   return subprocess.Popen(
-      [sys.executable, '-m', 'tests.helpers.sweep_fake', str(workdir), str(trials), '-',
-       *fields], cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT, text=True)
+      [sys.executable, '-m', 'tests.helpers.sweep_fake', str(workdir), str(trials)], cwd=ROOT,
+      env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 # ------------------------------------------------------------------------------ search space
