@@ -156,11 +156,11 @@ def _after_trial(workdir, target, params):
 
   def callback(study, trial):
     best = study_lib.best(study)
-    state = trial.state.name.lower()
+    state = {'FAIL': 'failed'}.get(trial.state.name, trial.state.name.lower())
+    if trial.state.name == 'PRUNED':
+      state += f' at epoch {trial.last_step}'
     if trial.value is not None:
       state += f': {trial.value:.4f}'
-    elif trial.state.name == 'PRUNED':
-      state += f' at epoch {trial.last_step}'
     best_s = f'{best.value:.4f} (trial {best.number})' if best else '-'
     values = search_space.values_of(params, trial.params)
     print(f'[{study_lib.finished(study)}/{target}] trial {trial.number} {state}; best '
