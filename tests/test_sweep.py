@@ -4,6 +4,7 @@ Most tests run the study's machinery with a pretend training run (tests/helpers/
 trial scores are a formula of the parameters, recomputed here); the slow test runs real
 training through the launcher.
 """
+import importlib
 import json
 import os
 import signal
@@ -60,6 +61,13 @@ def test_search_space_candidates_and_flags():
   assert params['loss.w_rep'].clean(0.30000000000000004) == 0.3
   assert search_space.as_flags({'model.layers': 2, 'model.attn_dropout': 0.3}) == [
       '--config.model.attn_dropout=0.3', '--config.model.layers=2']
+
+
+@pytest.mark.parametrize('name', sorted(
+    f[:-3] for f in os.listdir(os.path.join(ROOT, 'configs')) if f[0] != '_' and f.endswith('.py')))
+def test_every_shipped_config_has_a_valid_search_space(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  assert len(search_space.parse(config)) == 8
 
 
 @pytest.mark.parametrize('name, spec, message', [
