@@ -122,7 +122,8 @@ def _objective(trial, *, base, params, workdir, run_trial):
     # queue the same parameters again: the retry continues this run from its checkpoint
     optuna.storages.RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)(
         trial.study, _frozen(trial))
-    raise
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # no "trial failed" traceback: the
+    raise                                               # worker stops here on request
 
 
 # ------------------------------------------------------------------------------ the study
