@@ -298,15 +298,21 @@ def _write_trials_csv(study, params, workdir) -> None:
 
 
 def _plots(study, workdir) -> None:
+  """optimization_history.png; param_importances.png from 3 complete trials on (with fewer,
+  Optuna spreads the importance evenly)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   from optuna.visualization import matplotlib as ovm  # pylint: disable=g-import-not-at-top
-  for name, plot in (('optimization_history', ovm.plot_optimization_history),
-                     ('param_importances', ovm.plot_param_importances)):
+  plots = [('optimization_history', ovm.plot_optimization_history)]
+  if study_lib.counts(study).get('COMPLETE', 0) >= 3:
+    plots.append(('param_importances', ovm.plot_param_importances))
+  for name, plot in plots:
     try:
-      ax = plot(study)
-    except (ValueError, RuntimeError, ZeroDivisionError) as e:  # too few trials for it
+      with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ax = plot(study)
+    except (ValueError, RuntimeError, ZeroDivisionError) as e:
       print(f'note: no {name}.png ({type(e).__name__}: {e})', file=sys.stderr)
       continue
     fig = ax.figure

@@ -129,6 +129,7 @@ def test_three_trials_then_one_more(tmp_path, journal):
   assert kept == [f'{top.number:04d}']
   assert (tmp_path / 'trials.csv').read_text().count('\n') == 4
   assert (tmp_path / 'optimization_history.png').exists()
+  assert (tmp_path / 'param_importances.png').exists()  # from 3 complete trials on
 
   again = _run(tmp_path, 4, storage)
   study = _study(tmp_path, storage)
@@ -152,6 +153,7 @@ def test_a_poor_trial_is_pruned(tmp_path, monkeypatch):
   assert os.path.exists(tmp_path / 'trials' / '0000' / 'checkpoints')
   assert not os.path.exists(tmp_path / 'trials' / '0001' / 'checkpoints')
   assert not os.path.exists(tmp_path / 'trials' / '0002' / 'checkpoints')
+  assert not (tmp_path / 'param_importances.png').exists()  # 1 complete trial
 
 
 def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint(tmp_path):
