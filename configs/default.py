@@ -113,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
   sweep.startup_trials = 10     # TPE's first trials sampled at random
   sweep.pruner = 'median'       # 'median': stop a trial whose validation metric falls below the
   #                               median of earlier trials at the same epoch; 'none': never
-  sweep.pruner_startup_trials = 5  # trials finished before the pruner acts
+  sweep.pruner_startup_trials = 5  # complete trials before the pruner acts
   sweep.pruner_warmup_epochs = 2   # epochs of each trial before it may be pruned
   sweep.heartbeat_s = 60        # a running trial's heartbeat interval (database storages)
   sweep.grace_s = 180           # a trial without heartbeat this long is failed and retried
