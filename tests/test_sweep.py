@@ -159,10 +159,11 @@ def test_a_poor_trial_is_pruned(tmp_path, monkeypatch):
 def test_a_killed_worker_s_trial_is_retried_from_its_checkpoint(tmp_path):
   p = _worker(tmp_path, 2, {'FAKE_HANG_TRIAL': '1'})
   progress = tmp_path / 'trials' / '0001' / 'progress.json'
+  reported = lambda: progress.exists() and 1 in _study(tmp_path).trials[1].intermediate_values
   deadline = time.time() + 120
-  while not progress.exists() and time.time() < deadline and p.poll() is None:
+  while time.time() < deadline and p.poll() is None and not reported():
     time.sleep(0.2)
-  assert progress.exists(), p.communicate()[0][-3000:]
+  assert reported(), p.communicate()[0][-3000:]  # epoch 1 saved and reported, then it hangs
   os.kill(p.pid, signal.SIGKILL)  # mid-trial: no clean-up, no state written
   p.wait()
   time.sleep(3)  # past sweep.grace_s = 2 without a heartbeat
