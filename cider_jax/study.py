@@ -53,10 +53,13 @@ def _storage(url: Optional[str], workdir, sweep_cfg):
           url, engine_kwargs=engine_kwargs, heartbeat_interval=int(sweep_cfg.heartbeat_s),
           grace_period=int(sweep_cfg.grace_s), heartbeat_stale_trial_callback=retry)
       break
-    except sqlalchemy.exc.IntegrityError as e:
+    except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as e:
       # workers started together on a new database all create its tables: one wins, the
       # others find them on the next try
       error = e
+      if not isinstance(e, sqlalchemy.exc.IntegrityError) and not any(
+          s in str(e) for s in ('already exists', 'locked')):
+        break  # unreachable, refused, …
       time.sleep(0.5 * (attempt + 1))
     except Exception as e:  # pylint: disable=broad-except
       error = e

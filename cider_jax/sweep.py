@@ -188,8 +188,10 @@ def remove_beaten_checkpoints(study, workdir) -> None:
   for t in trials:
     if t.state.name in study_lib.FINISHED and (best is None or t.number != best.number):
       ckpts = trial_dir(workdir, t.number) / 'checkpoints'
-      if ckpts.exists():
+      try:
         ckpts.rmtree()
+      except FileNotFoundError:  # none, or another worker is removing it too
+        pass
 
 
 def run(config, workdir: str, trials: int, storage: Optional[str] = None,
@@ -217,7 +219,7 @@ def run(config, workdir: str, trials: int, storage: Optional[str] = None,
   if s.first_trial_default and not study.get_trials(deepcopy=False):
     defaults = {p.name: search_space.get_field(config, p.name) for p in params}
     if all(p.contains(defaults[p.name]) for p in params):  # else TPE starts at random
-      study.enqueue_trial(defaults)
+      study.enqueue_trial(defaults, skip_if_exists=True)  # workers starting together
   optuna.storages.fail_stale_trials(study)  # database storages: dead workers' trials
   if retry_running:
     study_lib.retry_running(study)

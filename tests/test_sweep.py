@@ -38,10 +38,11 @@ def _run(workdir, trials, storage=None, retry_running=False, **fields):
                    run_trial=sweep_fake.fake_trial, evaluate_best=sweep_fake.fake_evaluate)
 
 
-def _worker(workdir, trials, env):
-  """A worker process running the pretend trials."""
+def _worker(workdir, trials, env, *fields):
+  """A worker process running the pretend trials; fields: 'name=JSON' of config.sweep."""
   return subprocess.Popen(
-      [sys.executable, '-m', 'tests.helpers.sweep_fake', str(workdir), str(trials)], cwd=ROOT,
+      [sys.executable, '-m', 'tests.helpers.sweep_fake', str(workdir), str(trials), '-',
+       *fields], cwd=ROOT,
       env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -217,7 +218,9 @@ def test_retry_running_requeues_a_journal_study_s_running_trials(tmp_path):
 
 
 def test_two_workers_share_one_study(tmp_path):
-  workers = [_worker(tmp_path, 4, {'FAKE_EPOCH_S': '0.3'}) for _ in range(2)]
+  # trial 0 sampled too (no enqueued baseline), so that every trial's values are the sampler's
+  workers = [_worker(tmp_path, 4, {'FAKE_EPOCH_S': '0.3'}, 'first_trial_default=false')
+             for _ in range(2)]
   outs = [w.communicate(timeout=300)[0] for w in workers]
   assert all(w.returncode == 0 for w in workers), outs
   study = _study(tmp_path)
