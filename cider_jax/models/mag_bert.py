@@ -31,6 +31,12 @@ from cider_jax.models.bert import BertConfig, BertEncoder
 from cider_jax.models.wsam import WSAM, wsam_rows
 
 
+def _norm(x):
+  """‖x‖₂ over the last axis, (…, 1), with a finite gradient at x = 0 (a word whose audio and
+  vision are zero, e.g. [CLS], has no shift)."""
+  return jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + 1e-12)
+
+
 class MAG(nn.Module):
   """The multimodal adaptation gate: (e (B, L, Dl), a (B, L, Da'), v (B, L, Dv')) → (B, L, Dl)."""
   beta: float = 1.0
@@ -47,8 +53,7 @@ class MAG(nn.Module):
     shift = (g_a * nn.Dense(D, use_bias=False, name='shift_a')(a)
              + g_v * nn.Dense(D, use_bias=False, name='shift_v')(v))
     shift = shift + self.param('shift_bias', nn.initializers.zeros, (D,))
-    norm_e = jnp.linalg.norm(e, axis=-1, keepdims=True)
-    norm_h = jnp.linalg.norm(shift, axis=-1, keepdims=True)
+    norm_e, norm_h = _norm(e), _norm(shift)
     alpha = jnp.minimum(self.beta * norm_e / (norm_h + 1e-6), 1.0)
     m = nn.LayerNorm(epsilon=self.eps, name='LayerNorm')(e + alpha * shift)
     return self.ops.dropout(self.dropout)(m, deterministic=deterministic)
