@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cider_jax import counterfactual, maci, metrics, run_state
+from cider_jax import configuration, counterfactual, maci, run_state, train_step
 from cider_jax.data import mmsa
 from cider_jax.models import bert
 from cider_jax.models.late_fusion import LateFusion, masked_mean
@@ -217,3 +217,51 @@ def test_mag_bert_forward(aligned):
   # audio reaches the words through the gate: the text encoder's output depends on it
   y = dict(x, audio=x['audio'] + x['audio_mask'][..., None])
   assert not np.allclose(base.apply(v, y)['text_hidden'], out['text_hidden'], atol=1e-4)
+
+
+def test_mag_gate_gradient_is_finite_without_audio_and_vision():
+  """Words with zero audio and vision (no shift at all) still give finite gradients."""
+  e = jnp.asarray(np.random.RandomState(0).randn(1, 3, 8).astype(np.float32))
+  a, v = jnp.zeros((1, 3, 4)), jnp.zeros((1, 3, 5))
+  mag = MAG(dropout=0.0)
+  params = mag.init(jax.random.PRNGKey(0), e, a, v, True)
+  grads = jax.grad(lambda p: jnp.sum(mag.apply(p, e, a, v, True) ** 3))(params)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize('name,enabled', [('late_fusion', False), ('mag_bert', True)])
+def test_base_model_step_is_one_update_on_the_masked_input(name, enabled):
+  """Loss = NLL of the prediction on the RMFM-masked input at the old parameters (no MSSD
+  terms); one Adam update; the counterfactual monitor only with MACI."""
+  c = tiny.config()
+  c.model.name, c.maci.enabled, c.train.counterfactual_metrics = name, enabled, True
+  model, tx, labels, state = run_state.init_state(c, tiny.SPEC, tiny.TINY_BERT, tiny.consts())
+  assert maci.enabled(model) is enabled
+  batch = tiny.batch(4, seed=1)
+  rng = np.random.RandomState(2)
+  keeps = tuple((rng.rand(*batch[f'{m}_mask'].shape) > 0.5) * batch[f'{m}_mask']
+                for m in ('text', 'audio', 'vision'))
+  x = train_step.masked_inputs(train_step.model_inputs(batch), *keeps)
+  feats, probs = train_step.prototype_inputs(state.consts, 4)
+  logp = np.asarray(model.apply({'params': state.params}, x, feats, probs)['logp'])
+  want = -np.mean(logp[np.arange(4), batch['label']])
+  before = jax.device_get(state.params)
+  step = train_step.make_train_step(model, tx, labels, c, axis_name=None)
+  new, m = step(state, batch, keeps)
+  assert 'loss_rep' not in m and ('acc_m_debiased' in m) is enabled
+  np.testing.assert_allclose(m['loss'], want, atol=1e-5)
+  assert int(new.step) == 1
+  head = 'mcm' if enabled else 'classifier'
+  for part in (head, 'text_encoder'):
+    moved = jax.tree.map(lambda a, b: np.max(np.abs(np.asarray(a) - b)), new.params[part],
+                         before[part])
+    assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_wrong_model_name_is_one_error_line():
+  c = tiny.config()
+  c.model.name = 'transformer'
+  with pytest.raises(configuration.ConfigError) as e:
+    configuration.validate(c, check_paths=False, check_devices=False)
+  assert str(e.value) == ("config.model.name is 'transformer'; expected one of 'cider', "
+                          "'late_fusion', 'mag_bert'")
