@@ -8,6 +8,9 @@ mode and rate (ties → smallest τ); that τ is applied to test. `tau.value` is
 complete validation input. The original's optimistic protocol (every metric at its own best τ
 on test) is reported only under `test_oracle`.
 
+A run trained with maci.enabled=False has no counterfactual pass: its report holds the
+factual numbers only, says so under `maci`, and has no τ (`tau` null, no `test_oracle`).
+
 Writes <workdir>/eval/: report.json, report.csv, predictions.npz
 (`<split>/<mode>/<rate>/{labels,factual,counterfactual}`), metric-vs-rate PNGs. The workdir may
 be a Cloud Storage URI (gs://BUCKET/PATH); in a multi-host run every process evaluates and

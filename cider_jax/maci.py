@@ -1,4 +1,5 @@
-"""MACI around any base model: the MCM causal head, the counterfactual pass and τ (docs/maci.md).
+"""MACI around any base model: the MCM causal head (the module, models/maci.py), the
+counterfactual pass and τ (docs/maci.md).
 
 A base model is any Flax module that maps the model inputs to a joint representation:
 
@@ -22,56 +23,18 @@ the top level of the tree (no extra 'base' level) and the head's are `mcm` (MACI
 ablation). cls_feats (C, B, Dl+Da+Dv) are the class prototypes and cls_probs (B, C) the label
 prior of the train split (cider_jax/prototypes.py); the plain head ignores them.
 """
-from typing import Sequence
-
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from cider_jax import tokens
-from cider_jax.models import ops as ops_lib
-from cider_jax.models.mcm import MCM
+from cider_jax import counterfactual, metrics, tokens
+from cider_jax.models.maci import MACI
 
-
-class MACI(nn.Module):
-  """A base model with the MCM causal classifier (or, disabled, a linear one) on its joint
-  representation."""
-  base: nn.Module
-  num_classes: int
-  feature_dims: Sequence[int]     # (Dl, Da, Dv): the sizes of the prototypes' three parts
-  embed_dim: int = 32             # width of the MCM prototype encoders
-  cross_dataset: bool = False     # parameter-free LayerNorms in the audio/vision encoders
-  enabled: bool = True            # False: linear head, no counterfactual pass
-
-  def setup(self):
-    nn.share_scope(self, self.base)   # the base's parameters stay at the top level
-    if self.enabled:
-      self.head = MCM(self.num_classes, self.embed_dim, tuple(self.feature_dims),
-                      self.cross_dataset, name='mcm')
-    else:
-      self.head = nn.Dense(self.num_classes, name='classifier')
-
-  def __call__(self, inputs, cls_feats, cls_probs, *, deterministic: bool = True, **kwargs):
-    """→ the base's outputs with `logp` (B, C); kwargs go to the base (e.g. reconstruct)."""
-    out = dict(self.base(inputs, deterministic=deterministic, **kwargs))
-    z = out['joint_rep']
-    if self.enabled:
-      out['logp'] = self.head(z, cls_feats, cls_probs)
-    else:
-      out['logp'] = jax.nn.log_softmax(self.head(z), axis=-1)
-    return out
-
-  @property
-  def ops(self) -> ops_lib.Ops:
-    """The base's implementations (models/ops.py), PLAIN if it has none."""
-    return getattr(self.base, 'ops', ops_lib.PLAIN)
+__all__ = ['MACI', 'counterfactual_inputs', 'factual_and_counterfactual', 'enabled', 'debias',
+           'select_tau']
 
 
 def counterfactual_inputs(inputs, bias_table, special: tokens.SpecialTokens = tokens.BERT):
   """The counterfactual input: every text token that is neither special nor a bias word becomes
   [MASK]; audio and vision unchanged. bias_table (V,) bool (counterfactual.bias_lookup_table)."""
-  from cider_jax import counterfactual   # here: it imports spec, which builds the models
   ids = counterfactual.counterfactual_ids_jax(inputs['text_ids'], bias_table, special)
   return dict(inputs, text_ids=ids)
 
@@ -100,6 +63,5 @@ def debias(logp, logp_cf, tau: float):
 def select_tau(valid_logp, valid_logp_cf, valid_labels, task: str, grid=(0.0, 3.0, 0.1)):
   """τ of the grid (start, stop inclusive, step) maximising the main metric (Non0_acc_2 /
   Acc_7) on the validation split; ties → smallest τ. → (τ, the metric at every grid value)."""
-  from cider_jax import metrics          # here: it imports spec, which builds the models
   return metrics.select_tau(valid_logp, valid_logp_cf, valid_labels, task,
                             metrics.tau_grid(*grid))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from cider_jax import backend, configuration
-from cider_jax.maci import MACI
+from cider_jax.models.maci import MACI
 from cider_jax.models import bert, late_fusion, mag_bert
 from cider_jax.models.cider import CIDer, example_inputs
 

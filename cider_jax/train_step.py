@@ -190,7 +190,8 @@ def base_train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, 
   the RMFM-masked input, loss = task NLL through the head + the base's own `aux_loss` (if it
   returns one). Arguments and metrics as `train_step`."""
   global_sum = functools.partial(_global, axis_name=axis_name)
-  inputs, y, valid = model_inputs(batch), batch['label'], batch['valid'].astype(jnp.float32)
+  inputs = model_inputs(batch, state.consts)
+  y, valid = batch['label'], batch['valid'].astype(jnp.float32)
   cls_feats, cls_probs = prototype_inputs(state.consts, y.shape[0])
   device = jax.lax.axis_index(axis_name) if axis_name else 0
   k_train, _, k_cf = dropout_keys(state, device)

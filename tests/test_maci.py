@@ -147,12 +147,19 @@ def test_prototypes_and_prior_come_from_the_train_split_only(tmp_path):
   encoder = bert.BertEncoder(tiny.TINY_BERT)
   ev = encoder.init(jax.random.PRNGKey(0), train.text_ids[:2], train.text_mask[:2],
                     train.text_segments[:2])
-  c = run_state.constants(tiny.config(), splits, tiny.SPEC, encoder, ev, str(tmp_path))
+  config = tiny.config()
+  config.data.standardize = True
+  c = run_state.constants(config, splits, tiny.SPEC, encoder, ev, str(tmp_path))
   y = train.label3
   h = np.asarray(encoder.apply(ev, train.text_ids, train.text_mask, train.text_segments))
   mean = lambda a, m: (a * m[..., None]).sum(1) / m.sum(1, keepdims=True)
-  feats = np.concatenate([mean(h, train.text_mask), mean(train.audio, train.audio_mask),
-                          mean(train.vision, train.vision_mask)], 1)
+  std_feats = []
+  for m in ('audio', 'vision'):                 # standardised with train-frame statistics
+    x, mask = getattr(train, m), getattr(train, f'{m}_mask')
+    frame_mean = (x * mask[..., None]).sum((0, 1)) / mask.sum()
+    np.testing.assert_allclose(c[f'{m}_mean'], frame_mean, atol=1e-5)
+    std_feats.append(mean((x - frame_mean) / c[f'{m}_std'], mask))
+  feats = np.concatenate([mean(h, train.text_mask)] + std_feats, 1)
   for k in range(3):
     np.testing.assert_allclose(c['cls_feats'][k], feats[y == k].mean(0), atol=1e-5)
   np.testing.assert_allclose(c['prior'], np.bincount(y, minlength=3) / len(y), atol=1e-7)
@@ -241,7 +248,7 @@ def test_base_model_step_is_one_update_on_the_masked_input(name, enabled):
   rng = np.random.RandomState(2)
   keeps = tuple((rng.rand(*batch[f'{m}_mask'].shape) > 0.5) * batch[f'{m}_mask']
                 for m in ('text', 'audio', 'vision'))
-  x = train_step.masked_inputs(train_step.model_inputs(batch), *keeps)
+  x = train_step.masked_inputs(train_step.model_inputs(batch, state.consts), *keeps)
   feats, probs = train_step.prototype_inputs(state.consts, 4)
   logp = np.asarray(model.apply({'params': state.params}, x, feats, probs)['logp'])
   want = -np.mean(logp[np.arange(4), batch['label']])
@@ -265,3 +272,53 @@ def test_wrong_model_name_is_one_error_line():
     configuration.validate(c, check_paths=False, check_devices=False)
   assert str(e.value) == ("config.model.name is 'transformer'; expected one of 'cider', "
                           "'late_fusion', 'mag_bert'")
+
+
+def test_disabled_run_evaluates_factual_only(tmp_path):
+  """maci.enabled=False on late_fusion: a (randomly initialised) best checkpoint evaluated
+  through evaluate.evaluate and predict; the report says it is factual only and recomputes
+  from predictions.npz."""
+  import cider_jax
+  from configs import quickstart
+  from cider_jax import checkpoint as ckpt_lib, evaluate, metrics
+  from cider_jax import spec as spec_lib
+  from cider_jax.data import pipeline
+  config = quickstart.get_config()
+  s = config.data.synthetic
+  s.n_train, s.n_valid, s.n_test = 48, 40, 40
+  s.text_len, s.audio_len, s.vision_len = 12, 20, 24
+  config.data.cache_dir = str(tmp_path / 'cache')
+  config.model.text_encoder.num_layers = 1
+  config.model.name, config.maci.enabled = 'late_fusion', False
+  config.eval.modes, config.eval.rates = ('RMFM',), (0.0, 0.5, 1.0)
+  config.train.eval_batch_size, config.train.compilation_cache = 16, ''
+  workdir = str(tmp_path / 'run')
+  os.makedirs(workdir)
+  splits = pipeline.load_splits(config, workdir)
+  spec = spec_lib.spec_from_split(splits['train'], config)
+  bert_config = spec_lib.text_encoder_config(config)
+  c = {'cls_feats': np.zeros((3, bert_config.hidden_size + 25), np.float32),
+       'prior': np.full(3, 1 / 3, np.float32), 'bias_vocab': np.array([1000], np.int32)}
+  np.savez(os.path.join(workdir, 'constants.npz'), **c)
+  _, _, _, state = run_state.init_state(config, spec, bert_config,
+                                        run_state.train_consts(c, bert_config.vocab_size))
+  assert 'classifier' in state.params and 'mcm' not in state.params
+  meta = {'epoch': 1, 'best': 0.5, 'best_epoch': 1, 'config': ckpt_lib.config_to_dict(config),
+          'spec': ckpt_lib.spec_to_json(spec)}
+  ckpt_lib.Checkpoints(workdir).save('best', 1, state, meta)
+  report = evaluate.evaluate(config, workdir)
+  assert report['maci']['enabled'] is False and 'factual' in report['maci']['note']
+  assert report['tau'] is None and 'test_oracle' not in report
+  assert set(report['modes']['RMFM']) == {'rates', 'factual', 'auilc'}
+  preds = np.load(os.path.join(workdir, 'eval', 'predictions.npz'))
+  assert not any(k.endswith('counterfactual') for k in preds.files)
+  want = metrics.classification_metrics(preds['test/RMFM/0.5/factual'],
+                                        preds['test/RMFM/0.5/labels'], 'binary')
+  assert report['modes']['RMFM']['factual']['Non0_acc_2'][1] == pytest.approx(want['Non0_acc_2'])
+  out = cider_jax.predict(workdir, ['what a film'], [np.ones((5, 5))], [np.ones((6, 20))])
+  assert out['probs'].shape == (1, 3) and out['probs_debiased'] is None and out['tau'] is None
+  # a checkpoint of the ablation is not restored under MACI
+  other = config.copy_and_resolve_references()
+  other.maci.enabled = True
+  with pytest.raises(ckpt_lib.CheckpointError, match='maci.enabled'):
+    evaluate.restore_best(other, workdir)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from cider_jax.models import gru, ops as ops_lib
 from cider_jax.models.bert import BertConfig, BertEncoder
-from cider_jax.maci import MACI
+from cider_jax.models.maci import MACI
 from cider_jax.models.mcm import AttentionPool, JointRep
 from cider_jax.models.mct import MCT
 from cider_jax.models.wsam import WSAM, wsam_rows
