@@ -370,7 +370,7 @@ def evaluate_original(config, workdir: str, weights: str) -> dict:
   splits = pipeline.load_splits(config, workdir, special)
   spec = spec_lib.spec_from_split(splits['train'], config)
   check_fits(weights, model, spec, config)
-  run_state.check_token_ids(splits, model.bert.vocab_size)
+  run_state.check_token_ids(splits, model.base.bert.vocab_size)
   encoder, encoder_vars = bert.load_pretrained(config.model.text_encoder.path,
                                                config.model.text_encoder.num_layers)
   if encoder.config.hidden_size != model.feature_dims[0]:
@@ -383,7 +383,7 @@ def evaluate_original(config, workdir: str, weights: str) -> dict:
   if not standardize.is_identity(c):
     raise EvaluationError(f'{workdir}/constants.npz holds standardisation statistics of a '
                           'cider_jax run: evaluate the original weights in a fresh workdir')
-  consts = run_state.eval_consts(c, model.bert.vocab_size, spec.num_classes, special)
+  consts = run_state.eval_consts(c, model.base.bert.vocab_size, spec.num_classes, special)
   print(f'evaluating the original weights {weights}', flush=True)
   return evaluate_model(config, workdir, model, variables['params'], consts, splits, spec,
                         special, {'original_weights': str(weights)})
@@ -392,14 +392,14 @@ def evaluate_original(config, workdir: str, weights: str) -> dict:
 def check_fits(weights, model, spec, config) -> None:
   """OriginalWeightsError naming the field where the weights and the data / config differ."""
   from cider_jax.compat import original  # pylint: disable=g-import-not-at-top
-  L, La, Lv = model.seq_lens
+  L, La, Lv = model.base.seq_lens
   Dl, Da, Dv = model.feature_dims
   checks = [('hparams.l_len', L, 'the text length of the data is', spec.seq_lens[0]),
             ('hparams.orig_d_a', Da, 'the audio feature size of the data is',
              spec.feature_dims[0]),
             ('hparams.orig_d_v', Dv, 'the vision feature size of the data is',
              spec.feature_dims[1]),
-            ('hparams.aligned', model.aligned, 'config.data.aligned is', spec.aligned),
+            ('hparams.aligned', model.base.aligned, 'config.data.aligned is', spec.aligned),
             ('hparams.output_dim', model.num_classes,
              f'the classes of config.task {config.task!r} are', spec.num_classes)]
   if not spec.aligned:
