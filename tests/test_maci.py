@@ -236,7 +236,8 @@ def test_mag_gate_gradient_is_finite_without_audio_and_vision():
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
-@pytest.mark.parametrize('name,enabled', [('late_fusion', False), ('mag_bert', True)])
+@pytest.mark.parametrize('name,enabled', [('late_fusion', False),
+                                          pytest.param('mag_bert', True, marks=pytest.mark.slow)])
 def test_base_model_step_is_one_update_on_the_masked_input(name, enabled):
   """Loss = NLL of the prediction on the RMFM-masked input at the old parameters (no MSSD
   terms); one Adam update; the counterfactual monitor only with MACI."""
