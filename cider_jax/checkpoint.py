@@ -140,8 +140,9 @@ def spec_from_json(d: dict) -> spec_lib.ModelSpec:
 
 
 # fields whose change makes a checkpoint unusable for a configuration
-ARCH_FIELDS = ('task', 'data.aligned', 'model.embed_dim', 'model.num_heads', 'model.layers',
-               'model.cross_dataset', 'model.text_encoder.num_layers')
+ARCH_FIELDS = ('task', 'data.aligned', 'model.name', 'maci.enabled', 'model.embed_dim',
+               'model.num_heads', 'model.layers', 'model.cross_dataset',
+               'model.text_encoder.num_layers')
 
 
 def _field(cfg: Any, dotted: str):

@@ -33,6 +33,7 @@ SETTINGS = ('iid', 'ood', 'cross_dataset')
 POSITIONS = ('time', 'reference')
 DTYPES = ('float32', 'bfloat16')
 KERNELS = ('auto', 'native', 'xla')
+MODEL_NAMES = ('cider', 'late_fusion', 'mag_bert')   # model.name: the base models (spec.py)
 DROPOUTS = ('attn_dropout', 'out_dropout', 'embed_dropout', 'relu_dropout', 'res_dropout')
 
 _MISSING = object()
@@ -125,6 +126,7 @@ def _check_data(config):
 
 
 def _check_model(config):
+  _one_of(config, 'model.name', MODEL_NAMES)
   embed = _integer(config, 'model.embed_dim', 1)
   heads = _integer(config, 'model.num_heads', 1)
   if _is_int(embed) and _is_int(heads) and embed % heads:
@@ -166,6 +168,7 @@ def _check_training(config, check_devices):
 
 
 def _check_maci_and_eval(config):
+  _one_of(config, 'maci.enabled', (True, False))
   _integer(config, 'maci.top_k', 0)
   _positive(config, 'maci.cv_threshold', strict=False)
   _positive(config, 'maci.train_tau', strict=False, what='a counterfactual strength')

@@ -3,6 +3,8 @@
   eval_fn = make_eval_step(model, axis_name='batch')            # pmapped (or jit: None)
   out = eval_fn(params, consts, batch)   # {'logp': (B, C), 'logp_cf': (B, C)}
 
+`logp_cf` only with MACI enabled (maci.factual_and_counterfactual).
+
 The batch may carry keep-masks (`text_keep`, `audio_keep`, `vision_keep`) from the seeded
 test-mode masks; the counterfactual text is built on device from the (masked) text and the
 bias-word lookup table. `consts` are the evaluation constants (mean prototype for every class,
@@ -15,7 +17,7 @@ from typing import Optional
 import jax
 import numpy as np
 
-from cider_jax import counterfactual, tokens
+from cider_jax import maci, tokens
 from cider_jax.train_step import masked_inputs, model_inputs, prototype_inputs
 
 KEEP_KEYS = ('text_keep', 'audio_keep', 'vision_keep')
@@ -28,10 +30,8 @@ def eval_step(params, consts, batch, *, model, special: tokens.SpecialTokens = t
     inputs = masked_inputs(inputs, *(batch[k] for k in KEEP_KEYS), special=special)
   B = inputs['text_ids'].shape[0]
   cls_feats, cls_probs = prototype_inputs(consts, B)
-  apply = lambda x: model.apply({'params': params}, x, cls_feats, cls_probs, deterministic=True)
-  cf_ids = counterfactual.counterfactual_ids_jax(inputs['text_ids'], consts['bias_table'],
-                                                special)
-  return {'logp': apply(inputs)['logp'], 'logp_cf': apply(dict(inputs, text_ids=cf_ids))['logp']}
+  return maci.factual_and_counterfactual(model, params, inputs, cls_feats, cls_probs,
+                                        consts['bias_table'], special)
 
 
 def make_eval_step(model, axis_name: Optional[str] = 'batch',
@@ -43,18 +43,19 @@ def make_eval_step(model, axis_name: Optional[str] = 'batch',
 
 
 def run_batches(eval_fn, params, consts, batches, n_devices: int = 0):
-  """Concatenated {'logp', 'logp_cf'} (N, C) over padded batches (padding rows dropped).
+  """Concatenated {'logp', 'logp_cf'} (N, C) over padded batches (padding rows dropped;
+  'logp_cf' only where eval_fn returns it).
 
   batches: iterable of flat dicts with a `valid` (B,) entry. With n_devices > 0, eval_fn is
   pmapped and params/consts are replicated; each batch is split (n_devices, B / n_devices, …).
   """
-  outs = {'logp': [], 'logp_cf': []}
+  outs = {}
   for batch in batches:
     valid = np.asarray(batch['valid']) > 0
     feed = {k: v for k, v in batch.items() if k not in ('label', 'index', 'valid')}
     if n_devices:
       feed = jax.tree.map(lambda x: x.reshape((n_devices, -1) + x.shape[1:]), feed)
     out = jax.device_get(eval_fn(params, consts, feed))
-    for k in outs:
-      outs[k].append(np.asarray(out[k]).reshape((-1,) + out[k].shape[-1:])[valid])
+    for k in out:
+      outs.setdefault(k, []).append(np.asarray(out[k]).reshape((-1,) + out[k].shape[-1:])[valid])
   return {k: np.concatenate(v) for k, v in outs.items()}

@@ -8,6 +8,9 @@ mode and rate (ties → smallest τ); that τ is applied to test. `tau.value` is
 complete validation input. The original's optimistic protocol (every metric at its own best τ
 on test) is reported only under `test_oracle`.
 
+A run trained with maci.enabled=False has no counterfactual pass: its report holds the
+factual numbers only, says so under `maci`, and has no τ (`tau` null, no `test_oracle`).
+
 Writes <workdir>/eval/: report.json, report.csv, predictions.npz
 (`<split>/<mode>/<rate>/{labels,factual,counterfactual}`), metric-vs-rate PNGs. The workdir may
 be a Cloud Storage URI (gs://BUCKET/PATH); in a multi-host run every process evaluates and
@@ -127,7 +130,7 @@ def predict_all(config, model, params, consts, splits, spec,
                                   pipeline.eval_batches(split, batch, config.task, keeps=keeps),
                                   n_devices=n_dev)
       preds[(split_name, group, mode, label)] = {'labels': labels, 'factual': out['logp'],
-                                                 'counterfactual': out['logp_cf']}
+                                                 'counterfactual': out.get('logp_cf')}
       print(f'\r{split_name}: {i + 1}/{len(settings)} settings ({time.time() - t0:.0f} s)',
             end='', flush=True)
     print(flush=True)
@@ -139,10 +142,15 @@ def _finite(d):
 
 
 def build_report(config, preds):
+  """(report, csv rows) of the predictions; without counterfactual predictions (MACI
+  disabled) the factual numbers only, as `report['maci']` says."""
+  if any(p['counterfactual'] is None for p in preds.values()):
+    return _factual_report(config, preds)
   task, main = config.task, metrics.main_metric(config.task)
   taus = metrics.tau_grid(*config.maci.tau_grid)
   report = {'task': task, 'main_metric': main, 'tau_grid': taus.tolist(),
-            'modes': {}, 'specific_modality': {}, 'valid': {}, 'test_oracle': {}}
+            'maci': {'enabled': True}, 'modes': {}, 'specific_modality': {}, 'valid': {},
+            'test_oracle': {}}
   per_setting_tau = {}
   rows = []
   for (split, group, mode, label), p in preds.items():
@@ -196,6 +204,37 @@ def build_report(config, preds):
   return report, rows
 
 
+FACTUAL_ONLY = ('maci.enabled=False: the base model with a plain linear head and no '
+                'counterfactual pass; every number is factual (no debiasing, no tau)')
+
+
+def _factual_report(config, preds):
+  """build_report for factual predictions only (MACI disabled)."""
+  task, main = config.task, metrics.main_metric(config.task)
+  report = {'task': task, 'main_metric': main, 'maci': {'enabled': False, 'note': FACTUAL_ONLY},
+            'modes': {}, 'specific_modality': {}, 'valid': {}, 'tau': None}
+  rows = []
+  for (split, group, mode, label), p in preds.items():
+    fact = metrics.classification_metrics(p['factual'], p['labels'], task)
+    rows.append(dict(split=split, group=group, mode=mode, rate=label, variant='factual',
+                     tau=0.0, **fact))
+    if group == 'modes':
+      target = report['modes'] if split == 'test' else report['valid']
+      m = target.setdefault(mode, {'rates': [], 'factual': {}})
+      m['rates'].append(float(label))
+      for name, val in fact.items():
+        m['factual'].setdefault(name, []).append(val)
+    elif split == 'test':
+      report['specific_modality'][label] = {'keeps': label, 'factual': _finite(fact)}
+  for target in (report['modes'], report['valid']):
+    for m in target.values():
+      m['auilc'] = {}
+      if 0.0 in m['rates'] and 1.0 in m['rates']:
+        m['auilc'] = {'factual': {name: metrics.auilc(m['rates'], vals)
+                                  for name, vals in m['factual'].items()}}
+  return report, rows
+
+
 def _json_safe(x):
   """NaN (a metric over no example, e.g. Non0 with only neutral samples) → null."""
   if isinstance(x, dict):
@@ -227,7 +266,8 @@ def write_outputs(out_dir, report, rows, preds):
   for (split, group, mode, label), p in preds.items():
     name = f'{split}/{mode}/{float(label):.1f}' if group == 'modes' else f'{split}/SMM_{label}'
     for k in ('labels', 'factual', 'counterfactual'):
-      arrays[f'{name}/{k}'] = np.asarray(p[k])
+      if p[k] is not None:
+        arrays[f'{name}/{k}'] = np.asarray(p[k])
   ckpt_lib.write_npz(out_dir / 'predictions.npz', arrays, compressed=True)
   _plot(out_dir, report)
 
@@ -242,9 +282,11 @@ def _plot(out_dir, report):
     for i, (mode, m) in enumerate(report['modes'].items()):
       color = f'C{i}'
       ax.plot(m['rates'], m['factual'][metric], '-o', color=color, ms=3, label=f'{mode} factual')
-      ax.plot(m['rates'], m['debiased'][metric], '--s', color=color, ms=3,
-              label=f'{mode} debiased')
-    ax.set(xlabel='missing rate', ylabel=metric, title=f'test {metric} (τ chosen on valid)')
+      if 'debiased' in m:
+        ax.plot(m['rates'], m['debiased'][metric], '--s', color=color, ms=3,
+                label=f'{mode} debiased')
+    title = f'test {metric} (τ chosen on valid)' if 'debiased' in m else f'test {metric} (factual)'
+    ax.set(xlabel='missing rate', ylabel=metric, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -254,13 +296,17 @@ def _plot(out_dir, report):
 
 def format_table(report) -> str:
   main = report['main_metric']
-  lines = [f'test {main} (τ per setting, chosen on validation; complete-input τ = '
-           f'{report["tau"]["value"]})',
+  head = (f'test {main} (τ per setting, chosen on validation; complete-input τ = '
+          f'{report["tau"]["value"]})' if report['tau'] else
+          f'test {main}, factual only (maci.enabled=False: no counterfactual pass)')
+  lines = [head,
            f'{"mode":<10} {"complete":>17} {"50% missing":>17} {"AUILC":>17}',
            f'{"":<10} {"fact":>8} {"debias":>8} {"fact":>8} {"debias":>8} {"fact":>8} {"debias":>8}']
   for mode, m in report['modes'].items():
     def at(rate, variant):
-      return m[variant][main][m['rates'].index(rate)] if rate in m['rates'] else float('nan')
+      if rate not in m['rates'] or variant not in m:
+        return float('nan')
+      return m[variant][main][m['rates'].index(rate)]
     auc = lambda v: m['auilc'].get(v, {}).get(main, float('nan'))
     lines.append(f'{mode:<10} {at(0.0, "factual"):8.4f} {at(0.0, "debiased"):8.4f} '
                  f'{at(0.5, "factual"):8.4f} {at(0.5, "debiased"):8.4f} '
@@ -324,7 +370,7 @@ def evaluate_original(config, workdir: str, weights: str) -> dict:
   splits = pipeline.load_splits(config, workdir, special)
   spec = spec_lib.spec_from_split(splits['train'], config)
   check_fits(weights, model, spec, config)
-  run_state.check_token_ids(splits, model.bert.vocab_size)
+  run_state.check_token_ids(splits, model.base.bert.vocab_size)
   encoder, encoder_vars = bert.load_pretrained(config.model.text_encoder.path,
                                                config.model.text_encoder.num_layers)
   if encoder.config.hidden_size != model.feature_dims[0]:
@@ -337,7 +383,7 @@ def evaluate_original(config, workdir: str, weights: str) -> dict:
   if not standardize.is_identity(c):
     raise EvaluationError(f'{workdir}/constants.npz holds standardisation statistics of a '
                           'cider_jax run: evaluate the original weights in a fresh workdir')
-  consts = run_state.eval_consts(c, model.bert.vocab_size, spec.num_classes, special)
+  consts = run_state.eval_consts(c, model.base.bert.vocab_size, spec.num_classes, special)
   print(f'evaluating the original weights {weights}', flush=True)
   return evaluate_model(config, workdir, model, variables['params'], consts, splits, spec,
                         special, {'original_weights': str(weights)})
@@ -346,14 +392,14 @@ def evaluate_original(config, workdir: str, weights: str) -> dict:
 def check_fits(weights, model, spec, config) -> None:
   """OriginalWeightsError naming the field where the weights and the data / config differ."""
   from cider_jax.compat import original  # pylint: disable=g-import-not-at-top
-  L, La, Lv = model.seq_lens
+  L, La, Lv = model.base.seq_lens
   Dl, Da, Dv = model.feature_dims
   checks = [('hparams.l_len', L, 'the text length of the data is', spec.seq_lens[0]),
             ('hparams.orig_d_a', Da, 'the audio feature size of the data is',
              spec.feature_dims[0]),
             ('hparams.orig_d_v', Dv, 'the vision feature size of the data is',
              spec.feature_dims[1]),
-            ('hparams.aligned', model.aligned, 'config.data.aligned is', spec.aligned),
+            ('hparams.aligned', model.base.aligned, 'config.data.aligned is', spec.aligned),
             ('hparams.output_dim', model.num_classes,
              f'the classes of config.task {config.task!r} are', spec.num_classes)]
   if not spec.aligned:

@@ -35,7 +35,7 @@ import numpy as np
 from etils import epath
 
 from cider_jax import checkpoint as ckpt_lib
-from cider_jax import eval_step, evaluate, parallel
+from cider_jax import eval_step, evaluate, maci, parallel
 from cider_jax.models import bert
 from cider_jax.train_step import INPUT_KEYS
 
@@ -162,7 +162,7 @@ class Predictor:
     best = evaluate.restore_best(self.config, workdir)
     self.spec, self.special, self.model = best.spec, best.special, best.model
     self.params, self.consts = jax.device_put((best.params, best.consts))
-    self.vocab_size = int(self.model.bert.vocab_size)
+    self.vocab_size = int(self.model.base.bert.vocab_size)
     self.class_names = CLASS_NAMES.get(self.spec.num_classes,
                                        tuple(str(k) for k in range(self.spec.num_classes)))
     self.buckets = tuple(sorted({int(b) for b in buckets}))
@@ -250,7 +250,8 @@ class Predictor:
                                {k: inputs[k][rows] for k in INPUT_KEYS})
       out = jax.device_get(out)
       logp.append(np.asarray(out['logp'])[:count])
-      logp_cf.append(np.asarray(out['logp_cf'])[:count])
+      if 'logp_cf' in out:                  # absent when the run has maci.enabled=False
+        logp_cf.append(np.asarray(out['logp_cf'])[:count])
       start += count
       if bar is not None:
         bar.update(count)
@@ -258,6 +259,10 @@ class Predictor:
       bar.close()
     C = self.spec.num_classes
     logp = np.concatenate(logp) if logp else np.zeros((0, C), np.float32)
+    if not maci.enabled(self.model):        # factual only: no counterfactual pass, no τ
+      return {'probs': np.exp(np.asarray(logp, np.float64)), 'probs_debiased': None,
+              'labels': logp.argmax(axis=1), 'labels_factual': logp.argmax(axis=1),
+              'logp': logp, 'logp_cf': None, 'tau': None}
     logp_cf = np.concatenate(logp_cf) if logp_cf else np.zeros((0, C), np.float32)
     debiased = np.asarray(logp, np.float64) - tau * np.asarray(logp_cf, np.float64)
     return {'probs': np.exp(np.asarray(logp, np.float64)), 'probs_debiased': _softmax(debiased),
@@ -267,7 +272,9 @@ class Predictor:
   def __call__(self, texts=None, audio=(), vision=(), audio_lengths=None, vision_lengths=None,
                *, text_bert=None, tau: Optional[float] = None, progress: bool = False) -> dict:
     """{'probs', 'probs_debiased': (N, C), 'labels', 'labels_factual': (N,) int, 'logp',
-    'logp_cf': (N, C) log-probabilities of the factual and counterfactual passes, 'tau'}.
+    'logp_cf': (N, C) log-probabilities of the factual and counterfactual passes, 'tau'}; a run
+    trained with maci.enabled=False has no counterfactual pass: 'probs_debiased', 'logp_cf' and
+    'tau' are None and 'labels' are the factual ones.
 
     Raises ValueError naming the first bad row (`prepare` lists them all).
     """
@@ -284,7 +291,7 @@ def _run_tau(workdir: str, tau: Optional[float]):
     return float(tau), 'given'
   report = epath.Path(workdir) / 'eval' / 'report.json'
   if report.exists():
-    value = json.loads(report.read_text()).get('tau', {}).get('value')
+    value = (json.loads(report.read_text()).get('tau') or {}).get('value')
     if value is not None:
       return float(value), 'report'
   return 0.0, 'none'

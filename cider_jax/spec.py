@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from cider_jax import backend, configuration
-from cider_jax.models import bert
+from cider_jax.models.maci import MACI
+from cider_jax.models import bert, late_fusion, mag_bert
 from cider_jax.models.cider import CIDer, example_inputs
 
 NUM_CLASSES = {'binary': 3, 'seven': 7}
@@ -79,24 +80,41 @@ def text_encoder_config(config, allow_default: bool = False) -> bert.BertConfig:
     return bert.BertConfig()
 
 
-def build_model(config, spec: ModelSpec, bert_config: bert.BertConfig) -> CIDer:
+MODEL_NAMES = configuration.MODEL_NAMES   # config.model.name
+
+
+def build_model(config, spec: ModelSpec, bert_config: bert.BertConfig) -> MACI:
+  """The base model of config.model.name wrapped by MACI (config.maci.enabled: the MCM head
+  and the counterfactual pass; False: a plain linear head)."""
   m = config.model
   if m.embed_dim % m.num_heads:
     raise ValueError(f'model.num_heads={m.num_heads} must divide model.embed_dim={m.embed_dim}')
   dtype = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}.get(m.dtype)
   if dtype is None:
     raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}")
+  name = m.get('name', 'cider')
+  if name not in MODEL_NAMES:
+    raise ValueError(f'model.name must be one of {", ".join(MODEL_NAMES)}, got {name!r}')
   drop = lambda v: 0.0 if m.deterministic else v
-  return CIDer(
-      bert=bert_config, num_classes=spec.num_classes, aligned=spec.aligned,
-      feature_dims=(bert_config.hidden_size,) + tuple(spec.feature_dims),
-      seq_lens=tuple(spec.seq_lens), bert_layers=m.text_encoder.num_layers,
-      embed_dim=m.embed_dim, num_heads=m.num_heads, layers=m.layers,
-      attn_dropout=drop(m.attn_dropout), relu_dropout=drop(m.relu_dropout),
-      res_dropout=drop(m.res_dropout), embed_dropout=drop(m.embed_dropout),
-      out_dropout=drop(m.out_dropout), positions=m.positions,
-      cross_dataset=bool(m.cross_dataset), dtype=dtype,
-      ops=backend.select(m.kernels, m.embed_dim // m.num_heads))
+  ops = backend.select(m.kernels, m.embed_dim // m.num_heads)
+  dims = (bert_config.hidden_size,) + tuple(spec.feature_dims)
+  enabled = bool(config.get('maci', {}).get('enabled', True))
+  if name == 'cider':
+    return CIDer(
+        bert_config, spec.num_classes, spec.aligned, dims, tuple(spec.seq_lens),
+        bert_layers=m.text_encoder.num_layers, embed_dim=m.embed_dim, num_heads=m.num_heads,
+        layers=m.layers, attn_dropout=drop(m.attn_dropout), relu_dropout=drop(m.relu_dropout),
+        res_dropout=drop(m.res_dropout), embed_dropout=drop(m.embed_dropout),
+        out_dropout=drop(m.out_dropout), positions=m.positions,
+        cross_dataset=bool(m.cross_dataset), dtype=dtype, ops=ops, maci=enabled)
+  if name == 'late_fusion':
+    base = late_fusion.LateFusion(bert_config, m.text_encoder.num_layers, 3 * m.embed_dim,
+                                  3 * m.embed_dim, drop(m.out_dropout), dtype, ops)
+  else:
+    base = mag_bert.MAGBert(bert_config, spec.aligned, m.text_encoder.num_layers, m.embed_dim,
+                            out_dropout=drop(m.out_dropout), dtype=dtype, ops=ops)
+  return MACI(base, num_classes=spec.num_classes, feature_dims=dims, embed_dim=m.embed_dim,
+              cross_dataset=bool(m.cross_dataset), enabled=enabled)
 
 
 def parameter_counts(config) -> dict:

@@ -18,7 +18,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from cider_jax import counterfactual, losses, masks, tokens, updates
+from cider_jax import counterfactual, losses, maci, masks, tokens, updates
 
 MODALITIES = ('text', 'audio', 'vision')
 INPUT_KEYS = ('text_ids', 'text_mask', 'text_segments', 'audio', 'audio_mask', 'vision',
@@ -126,7 +126,7 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
                              inputs['text_mask'], inputs['audio_mask'], inputs['vision_mask'])
   x_m = masked_inputs(inputs, *keeps, special=special)
   passes = [inputs, x_m]
-  if config.train.counterfactual_metrics:
+  if config.train.counterfactual_metrics and maci.enabled(model):
     passes.append(dict(x_m, text_ids=counterfactual.counterfactual_ids_jax(
         x_m['text_ids'], state.consts['bias_table'], special)))
   it = updates.Iteration.begin(state.params, state.opt_state, [x['text_ids'] for x in passes],
@@ -183,10 +183,66 @@ def dropout_keys(state, device):
   return jax.random.split(jax.random.fold_in(jax.random.fold_in(step_key, 1 << 30), device), 3)
 
 
+def base_train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, config,
+                    axis_name: Optional[str] = 'batch', return_grads: bool = False,
+                    special: tokens.SpecialTokens = tokens.BERT):
+  """One iteration of a base model other than CIDer (MSSD is CIDer's own): one Adam update on
+  the RMFM-masked input, loss = task NLL through the head + the base's own `aux_loss` (if it
+  returns one). Arguments and metrics as `train_step`."""
+  global_sum = functools.partial(_global, axis_name=axis_name)
+  inputs = model_inputs(batch, state.consts)
+  y, valid = batch['label'], batch['valid'].astype(jnp.float32)
+  cls_feats, cls_probs = prototype_inputs(state.consts, y.shape[0])
+  device = jax.lax.axis_index(axis_name) if axis_name else 0
+  k_train, _, k_cf = dropout_keys(state, device)
+  if keeps is None:
+    keeps = masks.train_keep(masks.example_keys(state.rng, state.step, device * y.shape[0]
+                                                + jnp.arange(y.shape[0])),
+                             inputs['text_mask'], inputs['audio_mask'], inputs['vision_mask'])
+  passes = [masked_inputs(inputs, *keeps, special=special)]
+  if config.train.counterfactual_metrics and maci.enabled(model):
+    passes.append(maci.counterfactual_inputs(passes[0], state.consts['bias_table'], special))
+  it = updates.Iteration.begin(state.params, state.opt_state, [x['text_ids'] for x in passes],
+                               tx=tx, labels=labels, config=config, ops=model.ops,
+                               axis_name=axis_name, lead=axis_name is not None, updates=1)
+
+  def apply(theta, part, rng):
+    params, x = it.view(theta, passes[part], part)
+    return model.apply({'params': params}, x, cls_feats, cls_probs,
+                       deterministic=bool(config.model.deterministic), rngs={'dropout': rng})
+
+  def loss_fn(theta):
+    out = apply(theta, 0, k_train)
+    num, den = losses.nll(out['logp'], y, valid)
+    task = num / global_sum(den)
+    # the base's own loss, a mean over this device's batch: weighted by its share of examples
+    share = jnp.sum(valid) / global_sum(jnp.sum(valid))
+    aux = jnp.asarray(out.get('aux_loss', 0.0), jnp.float32) * share
+    return task + aux, (task, aux, out)
+
+  (loss, (task, aux, out)), g = jax.value_and_grad(loss_fn, has_aux=True)(it.theta)
+  g = global_sum(g)
+  out_cf = apply(it.theta, 1, k_cf) if len(passes) > 1 else None   # monitoring, before
+  it_1, gnorm = it.update(g, after=None if out_cf is None else out_cf['logp'])
+  params, opt_state = it_1.finish()
+  metrics = {'loss': global_sum(loss), 'loss_task_m': global_sum(task),
+             'loss_base': global_sum(aux), 'grad_norm_student': gnorm,
+             'acc_m': accuracy(out['logp'], y, valid, global_sum)}
+  if out_cf is not None:
+    debiased = out['logp'] - config.maci.get('train_tau', 1.0) * out_cf['logp']
+    metrics.update(acc_m_debiased=accuracy(debiased, y, valid, global_sum),
+                   logp_cf=out_cf['logp'])
+  if return_grads:
+    metrics['grads'] = it.dense_grads(g)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
 def make_train_step(model, tx, labels, config, axis_name: Optional[str] = 'batch',
                     return_grads: bool = False, special: tokens.SpecialTokens = tokens.BERT):
-  """pmapped (axis_name set) or jitted (axis_name None) step; the state buffers are donated."""
-  fn = functools.partial(train_step, model=model, tx=tx, labels=labels, config=config,
+  """pmapped (axis_name set) or jitted (axis_name None) step; the state buffers are donated.
+  CIDer trains with MSSD (`train_step`), every other base model with `base_train_step`."""
+  step = train_step if config.model.get('name', 'cider') == 'cider' else base_train_step
+  fn = functools.partial(step, model=model, tx=tx, labels=labels, config=config,
                          axis_name=axis_name, return_grads=return_grads, special=special)
   if axis_name:
     return jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,))

@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- model
   config.model = model = ml_collections.ConfigDict()
+  model.name = 'cider'          # the base model MACI wraps: 'cider', 'late_fusion' or 'mag_bert'
   model.text_encoder = ml_collections.ConfigDict()
   model.text_encoder.path = 'pretrained/bert-base-uncased'  # HF folder: config.json, model.safetensors, vocab
   model.text_encoder.num_layers = 0  # use only the first k encoder layers (0: all)
@@ -95,6 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # ---------------------------------------------------------------- MACI (docs/model.md §5)
   config.maci = maci = ml_collections.ConfigDict()
+  maci.enabled = True           # MCM head + counterfactual debiasing; False: linear head, factual only
   maci.top_k = 100              # number of bias words kept
   maci.cv_threshold = 0.1       # coefficient of variation threshold for a bias word
   maci.tau_grid = (0.0, 3.0, 0.1)  # counterfactual strength grid (start, stop inclusive, step)

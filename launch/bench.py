@@ -71,7 +71,7 @@ def _text_encoder_passes(config, model, bert_config):
   from cider_jax import embedding_rows, tokens, updates
   from cider_jax.models.bert import BertEncoder
   # the step's BERT, with the step's implementations
-  encoder = BertEncoder(bert_config, model.bert_layers, model.dtype, model.ops)
+  encoder = BertEncoder(bert_config, model.base.bert_layers, model.base.dtype, model.ops)
 
   def loss(params, slots, ids, mask, segments, key, word_rows):
     h = encoder.apply({'params': params}, ids, mask, segments,

@@ -103,9 +103,10 @@ def _inputs(split, n=5):
 def test_load_original_gives_the_same_model(exported):
   _, path, model, params, splits, _ = exported
   loaded, variables = load_original(path, kernels='xla')
-  assert loaded.positions == 'reference'
-  assert (loaded.seq_lens, loaded.feature_dims, loaded.num_classes, loaded.embed_dim,
-          loaded.num_heads, loaded.layers) == (model.seq_lens, model.feature_dims, 3, 16, 2, 2)
+  base = loaded.base                          # CIDer = MACI(CIDerBase)
+  assert base.positions == 'reference'
+  assert (base.seq_lens, loaded.feature_dims, loaded.num_classes, base.embed_dim,
+          base.num_heads, base.layers) == (model.base.seq_lens, model.feature_dims, 3, 16, 2, 2)
   x = _inputs(splits['valid'])
   feats = jnp.asarray(np.random.RandomState(0).randn(3, 5, sum(model.feature_dims)) * 0.1,
                       jnp.float32)

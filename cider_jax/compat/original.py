@@ -83,7 +83,7 @@ def load_original(path, kernels: Any = 'auto') -> Tuple[CIDer, dict]:
   except KeyError as e:
     raise OriginalWeightsError(f'{path}: missing {e} (hparams or state dict)') from None
   want = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example_inputs(
-      1, model.seq_lens, model.feature_dims, model.num_classes)))['params']
+      1, model.base.seq_lens, model.feature_dims, model.num_classes)))['params']
   _check_shapes(path, want, params)
   return model, {'params': params}
 

@@ -159,14 +159,18 @@ class BertEncoder(nn.Module):
   ops: ops_lib.Ops = ops_lib.PLAIN
 
   @nn.compact
-  def __call__(self, ids, mask, segments, deterministic: bool = True, word_rows=None):
+  def __call__(self, ids, mask, segments, deterministic: bool = True, word_rows=None,
+               shift=None):
     """ids (B, L) int, mask (B, L) 0/1, segments (B, L) int → (B, L, H); word_rows: see
-    BertEmbeddings."""
+    BertEmbeddings; shift: an optional (B, L, H) → (B, L, H) map of the embedding-layer output
+    before the first layer (MAG-BERT's gate, models/mag_bert.py)."""
     c = self.config
     ids = jnp.asarray(ids, jnp.int32)
     segments = jnp.asarray(segments, jnp.int32)
     x = BertEmbeddings(c, self.dtype, self.ops, name='embeddings')(
         ids, segments, deterministic, word_rows)
+    if shift is not None:
+      x = shift(x).astype(x.dtype)
     mask_bias = (1.0 - jnp.asarray(mask, jnp.float32)) * jnp.finfo(jnp.float32).min
     n = self.num_layers or c.num_hidden_layers
     if n > c.num_hidden_layers:

@@ -1,14 +1,15 @@
-"""The CIDer model (docs/model.md §2): one pure `apply` serves the teacher, student and
-counterfactual passes; they differ only in their inputs.
+"""The CIDer model (docs/model.md §2): the CIDer base (BERT, WSAM, GRUs, MCT, pooling, joint
+representation, decoders) wrapped by MACI (cider_jax/maci.py). One pure `apply` serves the
+teacher, student and counterfactual passes; they differ only in their inputs.
 
-  model = CIDer(...)
+  model = CIDer(...)             # MACI(CIDerBase(...)); maci=False: the plain linear head
   out = model.apply(variables, inputs, cls_feats, cls_probs, deterministic=True, reconstruct=False)
 
 `inputs` is a flat dict: text_ids, text_mask, text_segments (B, L); audio (B, La, Da),
 audio_mask (B, La); vision (B, Lv, Dv), vision_mask (B, Lv). Returned dict:
-  logp (B, C) log-probabilities, joint_rep (B, 3E), scores (B, H, 3L, 3L) raw scaled scores of
-  the last MCT layer, attn_qk their factors (scaled queries, keys), each (B, H, 3L, D),
-  text_hidden (B, L, Dl) encoder output; with reconstruct=True also
+  logp (B, C) log-probabilities (the head's), joint_rep (B, 3E), scores (B, H, 3L, 3L) raw
+  scaled scores of the last MCT layer, attn_qk their factors (scaled queries, keys), each
+  (B, H, 3L, D), text_hidden (B, L, Dl) encoder output; with reconstruct=True also
   text_recon (B, L, Dl), audio_recon (B, La, Da), vision_recon (B, Lv, Dv).
 """
 from typing import Any, Optional, Tuple
@@ -19,7 +20,8 @@ import jax.numpy as jnp
 
 from cider_jax.models import gru, ops as ops_lib
 from cider_jax.models.bert import BertConfig, BertEncoder
-from cider_jax.models.mcm import MCM, AttentionPool, JointRep
+from cider_jax.models.maci import MACI
+from cider_jax.models.mcm import AttentionPool, JointRep
 from cider_jax.models.mct import MCT
 from cider_jax.models.wsam import WSAM, wsam_rows
 
@@ -37,9 +39,10 @@ class SequenceDecoder(nn.Module):
     return self.ops.dense(self.out_dim, name='feature')(jnp.swapaxes(jax.nn.relu(t), 1, 2))
 
 
-class CIDer(nn.Module):
+class CIDerBase(nn.Module):
+  """Everything of CIDer but its classifier: inputs → joint representation (B, 3E) and the
+  outputs MSSD distils and reconstructs from."""
   bert: BertConfig
-  num_classes: int
   aligned: bool
   feature_dims: Tuple[int, int, int]      # (Dl, Da, Dv)
   seq_lens: Tuple[int, int, int]          # (L, La, Lv)
@@ -53,13 +56,11 @@ class CIDer(nn.Module):
   embed_dropout: float = 0.0
   out_dropout: float = 0.0
   positions: str = 'time'
-  cross_dataset: bool = False
   dtype: Any = jnp.float32                # the text encoder's matmul operands (matmul.Dense)
   ops: ops_lib.Ops = ops_lib.PLAIN        # the implementations (models/ops.py, backend.py)
 
   @nn.compact
-  def __call__(self, inputs, cls_feats, cls_probs, *, deterministic: bool = True,
-               reconstruct: bool = False):
+  def __call__(self, inputs, *, deterministic: bool = True, reconstruct: bool = False):
     E = self.embed_dim
     L, La, Lv = self.seq_lens
     Dl, Da, Dv = self.feature_dims
@@ -101,15 +102,24 @@ class CIDer(nn.Module):
     pooled = jnp.concatenate([AttentionPool(name=f'pool_{m}')(x)
                               for m, x in (('l', h_l), ('a', h_a), ('v', h_v))], axis=-1)
     z = JointRep(self.out_dropout, ops, name='joint')(pooled, deterministic)
-    logp = MCM(self.num_classes, E, self.feature_dims, self.cross_dataset,
-               name='mcm')(z, cls_feats, cls_probs)
-    out = {'logp': logp, 'joint_rep': z, 'scores': attn['scores'], 'attn_qk': attn['qk'],
+    out = {'joint_rep': z, 'scores': attn['scores'], 'attn_qk': attn['qk'],
            'text_hidden': h_text}
     if reconstruct or self.is_initializing():
       out['text_recon'] = ops.dense(Dl, name='recon_text')(h_l)
       out['audio_recon'] = SequenceDecoder(La, Da, ops, name='recon_audio')(h_a)
       out['vision_recon'] = SequenceDecoder(Lv, Dv, ops, name='recon_vision')(h_v)
     return out
+
+
+def CIDer(bert: BertConfig, num_classes: int, aligned: bool, feature_dims: Tuple[int, int, int],
+          seq_lens: Tuple[int, int, int], *, embed_dim: int = 32, cross_dataset: bool = False,
+          maci: bool = True, **base_fields) -> MACI:
+  """CIDer = MACI(CIDerBase): the MCM head on the joint representation (maci=False: a plain
+  linear head). base_fields: the other fields of CIDerBase (num_heads, layers, dropouts, …)."""
+  base = CIDerBase(bert=bert, aligned=aligned, feature_dims=tuple(feature_dims),
+                   seq_lens=tuple(seq_lens), embed_dim=embed_dim, **base_fields)
+  return MACI(base, num_classes=num_classes, feature_dims=tuple(feature_dims),
+              embed_dim=embed_dim, cross_dataset=cross_dataset, enabled=maci)
 
 
 def example_inputs(batch: int, seq_lens, feature_dims, num_classes: int):
