@@ -116,14 +116,12 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
   Returns (new state, metrics) — metrics are global (summed over `axis_name`).
   """
   global_sum = functools.partial(_global, axis_name=axis_name)
-  inputs, y, valid = model_inputs(batch, state.consts), batch['label'], batch['valid'].astype(jnp.float32)
+  inputs = model_inputs(batch, state.consts)
+  y, valid = batch['label'], batch['valid'].astype(jnp.float32)
   cls_feats, cls_probs = prototype_inputs(state.consts, y.shape[0])
   device = jax.lax.axis_index(axis_name) if axis_name else 0
   k_teacher, k_student, k_cf = dropout_keys(state, device)
-  if keeps is None:
-    keeps = masks.train_keep(masks.example_keys(state.rng, state.step, device * y.shape[0]
-                                                + jnp.arange(y.shape[0])),
-                             inputs['text_mask'], inputs['audio_mask'], inputs['vision_mask'])
+  keeps = sampled_keeps(state, inputs, device) if keeps is None else keeps
   x_m = masked_inputs(inputs, *keeps, special=special)
   passes = [inputs, x_m]
   if config.train.counterfactual_metrics and maci.enabled(model):
@@ -177,6 +175,14 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def sampled_keeps(state, inputs, device):
+  """RMFM keep-masks (text, audio, vision) of a per-device batch, from per-example keys
+  fold_in(fold_in(rng, step), global example index)."""
+  B = inputs['text_ids'].shape[0]
+  keys = masks.example_keys(state.rng, state.step, device * B + jnp.arange(B))
+  return masks.train_keep(keys, inputs['text_mask'], inputs['audio_mask'], inputs['vision_mask'])
+
+
 def dropout_keys(state, device):
   """The dropout keys of the teacher, student and counterfactual passes on this device."""
   step_key = jax.random.fold_in(state.rng, state.step)
@@ -195,10 +201,7 @@ def base_train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, 
   cls_feats, cls_probs = prototype_inputs(state.consts, y.shape[0])
   device = jax.lax.axis_index(axis_name) if axis_name else 0
   k_train, _, k_cf = dropout_keys(state, device)
-  if keeps is None:
-    keeps = masks.train_keep(masks.example_keys(state.rng, state.step, device * y.shape[0]
-                                                + jnp.arange(y.shape[0])),
-                             inputs['text_mask'], inputs['audio_mask'], inputs['vision_mask'])
+  keeps = sampled_keeps(state, inputs, device) if keeps is None else keeps
   passes = [masked_inputs(inputs, *keeps, special=special)]
   if config.train.counterfactual_metrics and maci.enabled(model):
     passes.append(maci.counterfactual_inputs(passes[0], state.consts['bias_table'], special))

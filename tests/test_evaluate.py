@@ -8,8 +8,9 @@ import pytest
 from configs import quickstart
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import evaluate as eval_lib
-from cider_jax import metrics, run_state, spec as spec_lib, tokens
-from cider_jax.data import pipeline, standardize
+from cider_jax import metrics, tokens
+from cider_jax.data import pipeline
+from tests.helpers import runs
 
 
 def _config(tmp):
@@ -32,22 +33,8 @@ def run(tmp_path_factory):
   """A workdir holding a (randomly initialised) best checkpoint, then its evaluation."""
   tmp = tmp_path_factory.mktemp('eval')
   config, workdir = _config(tmp), str(tmp / 'run')
-  os.makedirs(workdir)
-  splits = pipeline.load_splits(config, workdir)
-  spec = spec_lib.spec_from_split(splits['train'], config)
-  bert_config = spec_lib.text_encoder_config(config)
-  rng = np.random.RandomState(0)
-  c = {'cls_feats': rng.randn(3, bert_config.hidden_size + 25).astype(np.float32),
-       'prior': np.array([0.4, 0.2, 0.4], np.float32),
-       'bias_vocab': np.unique(splits['train'].text_ids[:, 1:4]).astype(np.int32),
-       **standardize.statistics(splits['train'])}
-  np.savez(os.path.join(workdir, 'constants.npz'), **c)
-  _, _, _, state = run_state.init_state(config, spec, bert_config,
-                                        run_state.train_consts(c, bert_config.vocab_size))
-  meta = {'epoch': 1, 'best': 0.5, 'best_epoch': 1, 'config': ckpt_lib.config_to_dict(config),
-          'spec': ckpt_lib.spec_to_json(spec)}
-  ckpt_lib.Checkpoints(workdir).save('best', 1, state, meta)
-  report = eval_lib.evaluate(config, workdir)
+  _, report = runs.random_best_run(config, workdir, bias_vocab=lambda splits: {
+      'bias_vocab': np.unique(splits['train'].text_ids[:, 1:4]).astype(np.int32)})
   return config, workdir, report
 
 

@@ -14,10 +14,8 @@ import numpy as np
 import pytest
 
 from configs import quickstart
-from cider_jax import checkpoint as ckpt_lib
-from cider_jax import evaluate as eval_lib
-from cider_jax import inference, run_state, spec as spec_lib
-from cider_jax.data import pipeline, standardize
+from cider_jax import inference
+from tests.helpers import runs
 
 ATOL = 1e-5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,22 +42,7 @@ def run(tmp_path_factory):
   validation split; a Predictor of the workdir with buckets 1, 8 and 32."""
   tmp = tmp_path_factory.mktemp('predict')
   config, workdir = _config(tmp), str(tmp / 'run')
-  os.makedirs(workdir)
-  splits = pipeline.load_splits(config, workdir)
-  spec = spec_lib.spec_from_split(splits['train'], config)
-  bert_config = spec_lib.text_encoder_config(config)
-  rng = np.random.RandomState(0)
-  c = {'cls_feats': rng.randn(3, bert_config.hidden_size + 25).astype(np.float32),
-       'prior': np.array([0.4, 0.2, 0.4], np.float32),
-       **run_state.bias_vocab(config, splits['train']),
-       **standardize.statistics(splits['train'])}
-  np.savez(os.path.join(workdir, 'constants.npz'), **c)
-  _, _, _, state = run_state.init_state(config, spec, bert_config,
-                                        run_state.train_consts(c, bert_config.vocab_size))
-  meta = {'epoch': 1, 'best': 0.5, 'best_epoch': 1, 'config': ckpt_lib.config_to_dict(config),
-          'spec': ckpt_lib.spec_to_json(spec)}
-  ckpt_lib.Checkpoints(workdir).save('best', 1, state, meta)
-  report = eval_lib.evaluate(config, workdir)
+  splits, report = runs.random_best_run(config, workdir)
   with np.load(os.path.join(workdir, 'eval', 'predictions.npz')) as z:
     want = {k: z[f'valid/RMFM/0.0/{k}'] for k in ('factual', 'counterfactual')}
   predictor = inference.Predictor(workdir, buckets=(1, 8, 32))

@@ -11,5 +11,5 @@
 def load_original(path, kernels='auto'):
   """(model, variables) of an export of the original's model file (see compat/original.py)."""
   # imported on use: export_original runs where torch is installed and jax may not be
-  from cider_jax.compat.original import load_original as _load  # pylint: disable=g-import-not-at-top
-  return _load(path, kernels)
+  from cider_jax.compat import original  # pylint: disable=g-import-not-at-top
+  return original.load_original(path, kernels)

@@ -84,7 +84,8 @@ def load(path):
   path = os.fspath(path)
   with open(path, 'rb') as f:
     # detects joblib's compressed containers; a plain pickle comes back as the file itself
-    with numpy_pickle._validate_fileobject_and_memmap(f, path, None) as (fobj, _):  # pylint: disable=protected-access
+    validated = numpy_pickle._validate_fileobject_and_memmap  # pylint: disable=protected-access
+    with validated(f, path, None) as (fobj, _):
       if isinstance(fobj, str):
         raise pickle.UnpicklingError('a joblib file older than joblib 0.10 (not supported)')
       return _Unpickler(path, fobj, ensure_native_byte_order=True).load()

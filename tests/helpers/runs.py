@@ -1,0 +1,31 @@
+"""A workdir as a finished run leaves it, without training: constants.npz and a best
+checkpoint of a randomly initialised model, then its evaluation."""
+import os
+
+import numpy as np
+
+from cider_jax import checkpoint as ckpt_lib
+from cider_jax import evaluate as eval_lib
+from cider_jax import run_state, spec as spec_lib
+from cider_jax.data import pipeline, standardize
+
+
+def random_best_run(config, workdir, bias_vocab=None):
+  """(splits, report). bias_vocab(splits) -> the constants' bias-vocabulary entries (default:
+  the train split's bias vocabulary under config.maci)."""
+  os.makedirs(workdir)
+  splits = pipeline.load_splits(config, workdir)
+  spec = spec_lib.spec_from_split(splits['train'], config)
+  bert_config = spec_lib.text_encoder_config(config)
+  rng = np.random.RandomState(0)
+  bias = (bias_vocab(splits) if bias_vocab else run_state.bias_vocab(config, splits['train']))
+  c = {'cls_feats': rng.randn(3, bert_config.hidden_size + 25).astype(np.float32),
+       'prior': np.array([0.4, 0.2, 0.4], np.float32), **bias,
+       **standardize.statistics(splits['train'])}
+  np.savez(os.path.join(workdir, 'constants.npz'), **c)
+  _, _, _, state = run_state.init_state(config, spec, bert_config,
+                                        run_state.train_consts(c, bert_config.vocab_size))
+  meta = {'epoch': 1, 'best': 0.5, 'best_epoch': 1, 'config': ckpt_lib.config_to_dict(config),
+          'spec': ckpt_lib.spec_to_json(spec)}
+  ckpt_lib.Checkpoints(workdir).save('best', 1, state, meta)
+  return splits, eval_lib.evaluate(config, workdir)
