@@ -5,7 +5,6 @@ import os
 import numpy as np
 import pytest
 
-from configs import quickstart
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import evaluate as eval_lib
 from cider_jax import metrics, tokens
@@ -14,18 +13,7 @@ from tests.helpers import runs
 
 
 def _config(tmp):
-  c = quickstart.get_config()
-  s = c.data.synthetic
-  s.n_train, s.n_valid, s.n_test = 48, 40, 40
-  s.text_len, s.audio_len, s.vision_len = 12, 20, 24
-  c.data.cache_dir = str(tmp / 'cache')
-  c.model.text_encoder.num_layers = 1
-  c.model.layers = 1
-  c.eval.modes = ('RMFM', 'RMM')
-  c.eval.rates = (0.0, 0.5, 1.0)
-  c.train.eval_batch_size = 16
-  c.train.compilation_cache = ''
-  return c
+  return runs.small_config(tmp)
 
 
 @pytest.fixture(scope='module')

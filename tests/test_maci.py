@@ -281,18 +281,13 @@ def test_disabled_run_evaluates_factual_only(tmp_path):
   from predictions.npz."""
   import cider_jax
   from configs import quickstart
+  from tests.helpers import runs
   from cider_jax import checkpoint as ckpt_lib, evaluate, metrics
   from cider_jax import spec as spec_lib
   from cider_jax.data import pipeline
-  config = quickstart.get_config()
-  s = config.data.synthetic
-  s.n_train, s.n_valid, s.n_test = 48, 40, 40
-  s.text_len, s.audio_len, s.vision_len = 12, 20, 24
-  config.data.cache_dir = str(tmp_path / 'cache')
-  config.model.text_encoder.num_layers = 1
+  config = runs.small_config(tmp_path, modes=('RMFM',))
+  config.model.layers = quickstart.get_config().model.layers
   config.model.name, config.maci.enabled = 'late_fusion', False
-  config.eval.modes, config.eval.rates = ('RMFM',), (0.0, 0.5, 1.0)
-  config.train.eval_batch_size, config.train.compilation_cache = 16, ''
   workdir = str(tmp_path / 'run')
   os.makedirs(workdir)
   splits = pipeline.load_splits(config, workdir)

@@ -13,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 
-from configs import quickstart
 from cider_jax import inference
 from tests.helpers import runs
 
@@ -22,18 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(tmp):
-  c = quickstart.get_config()
-  s = c.data.synthetic
-  s.n_train, s.n_valid, s.n_test = 48, 40, 40
-  s.text_len, s.audio_len, s.vision_len = 12, 20, 24
-  c.data.cache_dir = str(tmp / 'cache')
-  c.model.text_encoder.num_layers = 1
-  c.model.layers = 1
-  c.eval.modes = ('RMFM',)
-  c.eval.rates = (0.0,)
-  c.train.eval_batch_size = 40
-  c.train.compilation_cache = ''
-  return c
+  return runs.small_config(tmp, modes=('RMFM',), rates=(0.0,), eval_batch_size=40)
 
 
 @pytest.fixture(scope='module')

@@ -4,10 +4,27 @@ import os
 
 import numpy as np
 
+from configs import quickstart
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import evaluate as eval_lib
 from cider_jax import run_state, spec as spec_lib
 from cider_jax.data import pipeline, standardize
+
+
+def small_config(tmp, modes=('RMFM', 'RMM'), rates=(0.0, 0.5, 1.0), eval_batch_size=16):
+  """The quickstart at test size: 48 / 40 / 40 generated examples, L 12, La 20, Lv 24, one
+  MiniLM layer, one MCT layer; generated data cached under tmp/cache."""
+  c = quickstart.get_config()
+  s = c.data.synthetic
+  s.n_train, s.n_valid, s.n_test = 48, 40, 40
+  s.text_len, s.audio_len, s.vision_len = 12, 20, 24
+  c.data.cache_dir = str(tmp / 'cache')
+  c.model.text_encoder.num_layers = 1
+  c.model.layers = 1
+  c.eval.modes, c.eval.rates = tuple(modes), tuple(rates)
+  c.train.eval_batch_size = eval_batch_size
+  c.train.compilation_cache = ''
+  return c
 
 
 def random_best_run(config, workdir, bias_vocab=None):
