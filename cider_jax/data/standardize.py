@@ -71,11 +71,6 @@ def is_identity(stats) -> bool:
              np.all(np.asarray(stats[f'{m}_std']) == 1) for m in MODALITIES)
 
 
-def apply(x: np.ndarray, mask: np.ndarray, mean, std) -> np.ndarray:
-  """x (N, T, D) standardised on the frames where mask (N, T) > 0 (host-side, numpy)."""
-  return np.where(mask[..., None] > 0, (x - mean) / std, x).astype(x.dtype)
-
-
 # ---------------------------------------------------------------------------- scale report
 
 RAW_SCALE_STD = 10.0    # a dimension spread wider than this is not on a standardised scale
