@@ -141,6 +141,7 @@ def _check_model(config):
   _one_of(config, 'model.positions', POSITIONS)
   _one_of(config, 'model.dtype', DTYPES)
   _one_of(config, 'model.kernels', KERNELS)
+  _one_of(config, 'model.text_encoder.pooling', ('auto', 'cls', 'mean'))
 
 
 def _check_training(config, check_devices):
@@ -163,12 +164,16 @@ def _check_training(config, check_devices):
   _integer(config, 'train.eval_batch_size', 1)
   _integer(config, 'train.num_epochs', 1)
   _integer(config, 'train.patience', 0)
+  _one_of(config, 'train.select_on', ('auto', 'factual', 'debiased'))
   _integer(config, 'train.max_steps', 0, ' (0: no limit)')
   _integer(config, 'train.log_every', 1)
 
 
 def _check_maci_and_eval(config):
   _one_of(config, 'maci.enabled', (True, False))
+  if _get(config, 'train.select_on') == 'debiased' and _get(config, 'maci.enabled') is False:
+    _fail('train.select_on', 'debiased', "'auto' or 'factual' (maci.enabled=False has no "
+          'debiased prediction)')
   _integer(config, 'maci.top_k', 0)
   _positive(config, 'maci.cv_threshold', strict=False)
   _positive(config, 'maci.train_tau', strict=False, what='a counterfactual strength')

@@ -111,8 +111,12 @@ def build_model(config, spec: ModelSpec, bert_config: bert.BertConfig) -> MACI:
     base = late_fusion.LateFusion(bert_config, m.text_encoder.num_layers, 3 * m.embed_dim,
                                   3 * m.embed_dim, drop(m.out_dropout), dtype, ops)
   else:
+    pooling = m.text_encoder.get('pooling', 'auto')
+    if pooling == 'auto':
+      pooling = bert.sentence_pooling(m.text_encoder.path)
     base = mag_bert.MAGBert(bert_config, spec.aligned, m.text_encoder.num_layers, m.embed_dim,
-                            out_dropout=drop(m.out_dropout), dtype=dtype, ops=ops)
+                            pooling=pooling, out_dropout=drop(m.out_dropout), dtype=dtype,
+                            ops=ops)
   return MACI(base, num_classes=spec.num_classes, feature_dims=dims, embed_dim=m.embed_dim,
               cross_dataset=bool(m.cross_dataset), enabled=enabled)
 

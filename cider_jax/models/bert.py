@@ -209,6 +209,18 @@ def read_config(path: str) -> BertConfig:
     return BertConfig.from_dict(json.load(f))
 
 
+def sentence_pooling(path: str) -> str:
+  """'mean' or 'cls': how the checkpoint at `path` was trained to pool a sentence. A
+  sentence-transformers folder says so in 1_Pooling/config.json (all-MiniLM-L6-v2: mean over
+  the tokens); a plain BERT checkpoint has a trained pooler on [CLS] ('cls')."""
+  try:
+    with open(os.path.join(resolve_path(path), '1_Pooling', 'config.json')) as f:
+      modes = json.load(f)
+  except (OSError, ValueError):
+    return 'cls'
+  return 'mean' if modes.get('pooling_mode_mean_tokens') else 'cls'
+
+
 _HF_LAYER = {
     'attention.self.query': ('attention', 'self', 'query'),
     'attention.self.key': ('attention', 'self', 'key'),

@@ -10,11 +10,14 @@ the word's audio a_i and vision v_i, before the first transformer layer:
   α   = min(β · ‖e‖₂ / ‖H‖₂, 1)        (per word: the shift is never larger than β‖e‖)
   m   = dropout(LayerNorm(e + α H))
 
-BERT then runs on m; the joint representation is the pooled [CLS] output tanh(W_p h_cls + b_p)
-(B, Dl), as in BERT's pooler. MAG needs one audio and one vision vector per word: on aligned
-data they are the projected frames of the word; on unaligned data the projected frames are
-aligned to the words first by WSAM (models/wsam.py, queries from the projected embedding-layer
-output). The published model trains with the task loss only; so does this one.
+BERT then runs on m; the joint representation is the pooled output tanh(W_p s + b_p) (B, Dl)
+with s the last layer's [CLS] state, as in BERT's pooler (`pooling='cls'`), or, for a sentence
+encoder trained with mean pooling such as the packaged all-MiniLM-L6-v2, the mean of the
+valid tokens' states (`pooling='mean'`; its [CLS] state was never trained to summarise).
+MAG needs one audio and one vision vector per word: on aligned data they are the projected
+frames of the word; on unaligned data the projected frames are aligned to the words first by
+WSAM (models/wsam.py, queries from the projected embedding-layer output). The published model
+trains with the task loss only; so does this one.
 
   base = MAGBert(bert_config, aligned=False)
   out = base.apply(variables, inputs, deterministic=True)   # {'joint_rep': (B, Dl),
@@ -65,6 +68,7 @@ class MAGBert(nn.Module):
   bert_layers: int = 0            # the text encoder's first k layers (0: all)
   embed_dim: int = 32             # E, the width audio and vision are projected to
   beta: float = 1.0               # MAG's β: the largest shift relative to ‖e‖
+  pooling: str = 'cls'            # the sentence vector: 'cls' ([CLS]) or 'mean' (valid tokens)
   out_dropout: float = 0.0        # dropout on the pooled [CLS] output
   dtype: Any = jnp.float32        # the text encoder's matmul operands
   ops: ops_lib.Ops = ops_lib.PLAIN
@@ -92,6 +96,11 @@ class MAGBert(nn.Module):
     h = BertEncoder(self.bert, self.bert_layers, self.dtype, ops, name='text_encoder')(
         inputs['text_ids'], text_mask, inputs['text_segments'], deterministic,
         inputs.get('text_word_rows'), shift=lambda e: mag(e, *per_word(e), deterministic))
-    pooled = jnp.tanh(nn.Dense(h.shape[-1], name='pooler')(h[:, 0]))
+    if self.pooling == 'mean':   # a sentence encoder trained with mean pooling (MiniLM)
+      sentence = jnp.sum(h * text_mask[..., None], 1) / jnp.maximum(
+          jnp.sum(text_mask, 1, keepdims=True), 1.0)
+    else:                        # BERT's pooler input, as published
+      sentence = h[:, 0]
+    pooled = jnp.tanh(nn.Dense(h.shape[-1], name='pooler')(sentence))
     pooled = ops.dropout(self.out_dropout)(pooled, deterministic=deterministic)
     return {'joint_rep': pooled, 'text_hidden': h}
