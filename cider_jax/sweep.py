@@ -5,7 +5,8 @@
 Every trial is an ordinary training run in `<workdir>/trials/NNNN/` (its config.json,
 metrics.jsonl, checkpoints) with the values the TPE sampler (seeded by `sweep.seed`) picks
 for the fields of `config.sweep.space` (search_space.py). Its objective is the main
-validation metric (Non0_acc_2, or Acc_7 for 7-class) of its best checkpoint; each epoch's
+validation metric (Non0_acc_2, or Acc_7 for 7-class) of its best checkpoint, as the run
+selects it (`train.selection_score`: debiased when the model has MACI); each epoch's
 value goes to the pruner (`sweep.pruner`), which may stop a trial early. No test number is
 computed until the end, and then for the best trial only.
 
