@@ -169,6 +169,10 @@ def build_report(config, preds):
       for variant, m in (('factual', fact), ('debiased', deb)):
         rows.append(dict(split=sp, group=group, mode=mode, rate=label, variant=variant, tau=tau
                          if variant == 'debiased' else 0.0, **m))
+    if group == 'modes' and float(label) == 0.0 and 'counterfactual' not in report['maci']:
+      report['maci']['counterfactual'] = dict(
+          metrics.counterfactual_summary(p['factual'], p['counterfactual']),
+          setting=f'test, {mode}, complete input')
     per_tau = metrics.metrics_per_tau(p['factual'], p['counterfactual'], p['labels'], task, taus)
     oracle = {k: float(np.nanmax(a)) for k, a in per_tau.items()}
     if group == 'modes':

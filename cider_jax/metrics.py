@@ -241,6 +241,24 @@ def select_tau(logp_valid, logp_cf_valid, labels_valid, task, taus, valid=None,
   return float(np.min(taus[values == best])), values
 
 
+def counterfactual_summary(logp, logp_cf) -> Dict[str, object]:
+  """How much of the prediction the counterfactual input already gives (docs/maci.md §5).
+
+  agreement: the share of examples whose factual and counterfactual argmax coincide (near 1:
+  the model predicts from what the counterfactual keeps, so y - τ·y_cf has little to
+  separate); cf_class_shares: the share of each class among the counterfactual argmaxes (one
+  class near 1: y_cf is a constant offset, not a per-example bias).
+  """
+  logp, logp_cf = np.asarray(logp), np.asarray(logp_cf)
+  if logp.shape != logp_cf.shape or logp.ndim != 2 or not len(logp):
+    raise ValueError(f'counterfactual_summary: need two equal (N, C) arrays, N > 0; got '
+                     f'{logp.shape} and {logp_cf.shape}')
+  top, top_cf = np.argmax(logp, -1), np.argmax(logp_cf, -1)
+  shares = np.bincount(top_cf, minlength=logp.shape[-1]) / len(top_cf)
+  return {'agreement': float(np.mean(top == top_cf)),
+          'cf_class_shares': [float(s) for s in shares]}
+
+
 def oracle_metrics(per_tau: Dict[str, np.ndarray], taus) -> Dict[str, Tuple[float, float]]:
   """The original's optimistic protocol: each metric's own best over the tau grid.
 

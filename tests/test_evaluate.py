@@ -64,6 +64,13 @@ def test_numbers_recompute_from_predictions(run):
   m = report['modes']['RMFM']
   assert m['auilc']['factual']['Acc_3'] == pytest.approx(
       np.trapezoid(m['factual']['Acc_3'], m['rates']))
+  # the counterfactual summary: test, first mode, complete input
+  t = {k: z[f'test/{config.eval.modes[0]}/0.0/{k}'] for k in ('factual', 'counterfactual')}
+  cf = report['maci']['counterfactual']
+  assert cf['agreement'] == pytest.approx(np.mean(
+      t['factual'].argmax(-1) == t['counterfactual'].argmax(-1)))
+  assert cf['cf_class_shares'] == pytest.approx(
+      [np.mean(t['counterfactual'].argmax(-1) == c) for c in range(3)])
 
 
 def test_missing_workdir_is_a_clear_error(tmp_path):

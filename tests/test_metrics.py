@@ -215,3 +215,14 @@ def test_streaming_sums_inside_jit():
   out = metrics.finalize_sums(total)
   assert out['acc'] == pytest.approx(2 / 3) and out['loss'] == pytest.approx(2.0)
   assert np.isnan(metrics.finalize_sums({'x': (0.0, 0.0)})['x'])
+
+
+def test_counterfactual_summary_by_hand():
+  logp = np.log([[0.7, 0.2, 0.1], [0.1, 0.2, 0.7], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
+  logp_cf = np.log([[0.5, 0.1, 0.4], [0.4, 0.2, 0.4], [0.1, 0.1, 0.8], [0.2, 0.1, 0.7]])
+  # argmax: factual 0, 2, 1, 0; counterfactual 0, 0 (tie → first), 2, 2
+  s = metrics.counterfactual_summary(logp, logp_cf)
+  assert s['agreement'] == 0.25
+  assert s['cf_class_shares'] == [0.5, 0.0, 0.5]
+  with pytest.raises(ValueError, match='equal'):
+    metrics.counterfactual_summary(logp, logp_cf[:2])
