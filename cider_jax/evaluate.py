@@ -338,7 +338,18 @@ def evaluate(config, workdir: str) -> dict:
         f'{best.meta["step"]}) of {workdir}', flush=True)
   return evaluate_model(config, workdir, best.model, best.params, best.consts, splits,
                         best.spec, special, {'best_epoch': best.meta.get('best_epoch'),
-                                             'best_valid': best.meta.get('best')})
+                                             'best_valid': best.meta.get('best'),
+                                             'selected_on': selected_on(best.meta)})
+
+
+def selected_on(meta: dict) -> str:
+  """Which prediction's validation score picked a checkpoint: 'debiased' or 'factual'
+  (train.select_on of the run's saved config; runs saved before that option: 'factual')."""
+  saved = meta.get('config') or {}
+  rule = saved.get('train', {}).get('select_on')
+  if rule == 'auto':
+    return 'debiased' if saved.get('maci', {}).get('enabled', True) else 'factual'
+  return rule or 'factual'
 
 
 def evaluate_model(config, workdir, model, params, consts, splits, spec, special,

@@ -30,6 +30,11 @@ def test_report_has_every_mode_and_rate(run):
   config, workdir, report = run
   on_disk = json.load(open(os.path.join(workdir, 'eval', 'report.json')))
   assert on_disk['tau']['selected_on'] == 'valid'
+  assert on_disk['checkpoint']['selected_on'] == 'debiased'     # MACI, train.select_on='auto'
+  old = {'config': {'train': {}, 'maci': {'enabled': True}}}    # saved before train.select_on
+  assert eval_lib.selected_on(old) == 'factual'
+  assert eval_lib.selected_on({'config': {'train': {'select_on': 'auto'},
+                                          'maci': {'enabled': False}}}) == 'factual'
   for mode in ('RMFM', 'RMM'):
     m = on_disk['modes'][mode]
     assert m['rates'] == [0.0, 0.5, 1.0]
