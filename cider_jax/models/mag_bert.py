@@ -69,7 +69,7 @@ class MAGBert(nn.Module):
   embed_dim: int = 32             # E, the width audio and vision are projected to
   beta: float = 1.0               # MAG's β: the largest shift relative to ‖e‖
   pooling: str = 'cls'            # the sentence vector: 'cls' ([CLS]) or 'mean' (valid tokens)
-  out_dropout: float = 0.0        # dropout on the pooled [CLS] output
+  out_dropout: float = 0.0        # dropout on the pooled sentence vector
   dtype: Any = jnp.float32        # the text encoder's matmul operands
   ops: ops_lib.Ops = ops_lib.PLAIN
 
