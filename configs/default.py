@@ -42,7 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   model.text_encoder = ml_collections.ConfigDict()
   model.text_encoder.path = 'pretrained/bert-base-uncased'  # HF folder: config.json, model.safetensors, vocab
   model.text_encoder.num_layers = 0  # use only the first k encoder layers (0: all)
-  model.text_encoder.pooling = 'auto'  # mag_bert's sentence vector: 'cls', 'mean', 'auto' (as the checkpoint was trained)
+  model.text_encoder.pooling = 'auto'  # mag_bert's sentence vector: 'cls', 'mean' or 'auto'
+  #                                    (as the checkpoint was trained: its 1_Pooling folder)
   model.embed_dim = 32          # E, the width of everything after the text encoder
   model.num_heads = 8           # MCT heads (must divide embed_dim)
   model.layers = 3              # MCT layers
@@ -85,7 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.batch_size = 128        # global batch size (all devices together)
   train.num_epochs = 200        # upper bound on epochs
   train.patience = 10           # early stop after this many epochs without validation improvement
-  train.select_on = 'auto'      # checkpoint score on valid: 'factual', 'debiased' (MACI, τ on valid), 'auto' (debiased if MACI)
+  train.select_on = 'auto'      # the checkpoint's validation score: 'factual', 'debiased' (MACI,
+  #                               τ chosen on valid), 'auto' (debiased with MACI, else factual)
   train.collapse_epochs = 3     # warn when every validation example gets one class this many epochs in a row (0: never)
   train.seed = 1111             # parameter init, data order, RMFM masks, dropout
   train.max_steps = 0           # stop after this many steps (0: no limit)
