@@ -169,6 +169,14 @@ def _check_training(config, check_devices):
   _integer(config, 'train.log_every', 1)
 
 
+def selection_rule(select_on: str, maci_enabled: bool) -> str:
+  """'debiased' or 'factual': the prediction whose validation score picks the best checkpoint
+  (train.select_on; 'auto': the debiased one when the model has MACI)."""
+  if select_on == 'auto':
+    return 'debiased' if maci_enabled else 'factual'
+  return select_on
+
+
 def _check_maci_and_eval(config):
   _one_of(config, 'maci.enabled', (True, False))
   if _get(config, 'train.select_on') == 'debiased' and _get(config, 'maci.enabled') is False:

@@ -163,8 +163,7 @@ def build_report(config, preds):
     entries = {}
     for sp, q in (('test', p), ('valid', v)):
       fact = metrics.classification_metrics(q['factual'], q['labels'], task)
-      deb = metrics.classification_metrics(
-          metrics.debias(q['factual'], q['counterfactual'], [tau])[0], q['labels'], task)
+      deb = metrics.debiased_metrics(q['factual'], q['counterfactual'], q['labels'], task, tau)
       entries[sp] = (fact, deb)
       for variant, m in (('factual', fact), ('debiased', deb)):
         rows.append(dict(split=sp, group=group, mode=mode, rate=label, variant=variant, tau=tau
@@ -347,9 +346,9 @@ def selected_on(meta: dict) -> str:
   (train.select_on of the run's saved config; runs saved before that option: 'factual')."""
   saved = meta.get('config') or {}
   rule = saved.get('train', {}).get('select_on')
-  if rule == 'auto':
-    return 'debiased' if saved.get('maci', {}).get('enabled', True) else 'factual'
-  return rule or 'factual'
+  if rule is None:
+    return 'factual'
+  return configuration.selection_rule(rule, saved.get('maci', {}).get('enabled', True))
 
 
 def evaluate_model(config, workdir, model, params, consts, splits, spec, special,

@@ -210,6 +210,11 @@ def metrics_per_tau(logp, logp_cf, labels, task, taus, valid=None) -> Dict[str, 
   return {name: np.asarray([m[name] for m in per_tau]) for name in METRIC_NAMES[task]}
 
 
+def debiased_metrics(logp, logp_cf, labels, task, tau: float) -> Dict[str, float]:
+  """`classification_metrics` of the debiased prediction y − τ·y_cf."""
+  return classification_metrics(debias(logp, logp_cf, [tau])[0], labels, task)
+
+
 def select_tau(logp_valid, logp_cf_valid, labels_valid, task, taus, valid=None,
                metric: Optional[str] = None) -> Tuple[float, np.ndarray]:
   """Tau maximising the selection metric on the validation split.

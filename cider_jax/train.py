@@ -62,8 +62,8 @@ def validate(eval_fn, params, consts, split, config, n_devices, rate=0.0):
   if 'logp_cf' in out:  # MACI: the debiased prediction at the τ best on this split
     taus = metrics.tau_grid(*config.maci.tau_grid)
     tau, _ = metrics.select_tau(out['logp'], out['logp_cf'], labels, config.task, taus)
-    debiased = metrics.debias(out['logp'], out['logp_cf'], [tau])[0]
-    m['debiased'] = dict(metrics.classification_metrics(debiased, labels, config.task), tau=tau)
+    m['debiased'] = dict(metrics.debiased_metrics(out['logp'], out['logp_cf'], labels,
+                                                  config.task, tau), tau=tau)
   return m
 
 
@@ -71,12 +71,10 @@ def selection_score(v_full: dict, config) -> float:
   """The validation number that picks the best checkpoint (train.select_on): the main metric
   of the prediction the run deploys, i.e. debiased (at its validation τ) when the model has
   MACI ('auto'), else factual."""
-  main, select_on = metrics.main_metric(config.task), config.train.get('select_on', 'auto')
-  if select_on == 'factual' or (select_on == 'auto' and 'debiased' not in v_full):
-    return v_full[main]
-  if 'debiased' not in v_full:
-    raise ValueError("train.select_on='debiased' needs a model with MACI (maci.enabled=True)")
-  return v_full['debiased'][main]
+  main = metrics.main_metric(config.task)
+  rule = configuration.selection_rule(config.train.get('select_on', 'auto'),
+                                      bool(config.maci.enabled))
+  return v_full['debiased'][main] if rule == 'debiased' else v_full[main]
 
 
 def collapse_warning(meta: dict, v_full: dict, config) -> Optional[str]:

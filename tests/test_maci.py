@@ -358,7 +358,7 @@ def test_validation_scores_the_debiased_prediction_at_its_tau():
   config.train.select_on = 'factual'
   assert train.selection_score(v, config) == 0.0
   # without a counterfactual pass (maci.enabled=False) 'auto' is the factual score
-  config.train.select_on = 'auto'
+  config.train.select_on, config.maci.enabled = 'auto', False
   v_off = train.validate(_rows_eval(logp, None), None, None, split, config, 0)
   assert 'debiased' not in v_off and train.selection_score(v_off, config) == 0.0
 
