@@ -164,6 +164,7 @@ def _check_training(config, check_devices):
   _integer(config, 'train.eval_batch_size', 1)
   _integer(config, 'train.num_epochs', 1)
   _integer(config, 'train.patience', 0)
+  _integer(config, 'train.min_epochs', 0)
   _one_of(config, 'train.select_on', ('auto', 'factual', 'debiased'))
   _integer(config, 'train.max_steps', 0, ' (0: no limit)')
   _integer(config, 'train.log_every', 1)

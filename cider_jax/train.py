@@ -1,9 +1,9 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
 Epochs over the grain pipeline; every epoch a validation on complete and on RMFM-masked input;
-early stopping on the main validation metric (Non0_acc_2 / Acc_7); orbax checkpoints (latest
-for resuming, best for evaluation); `metrics.jsonl`, a training-curve PNG; then the evaluation
-of the best checkpoint.
+early stopping on the main validation metric (Non0_acc_2 / Acc_7), never before
+`train.min_epochs`; orbax checkpoints (latest for resuming, best for evaluation);
+`metrics.jsonl`, a training-curve PNG; then the evaluation of the best checkpoint.
 
 The workdir may be a Cloud Storage URI (gs://BUCKET/PATH): its files go through etils.epath.
 In a multi-host run every process trains and saves checkpoints (orbax coordinates them); only
@@ -317,7 +317,6 @@ def _end_epoch(run: _Run, r_state, step: int, t0: float) -> float:
             'valid': v_full, f'valid_rmfm_{rate}': v_miss, 'score': score,
             'best_epoch': meta['best_epoch']}
   run.log.append(dict(record, warning=warning) if warning else record)
-  run.log.flush()
   debiased = v_full.get('debiased')
   print(f'epoch {meta["epoch"]}: valid {main} {v_full[main]:.4f} (RMFM {rate}: '
         f'{v_miss[main]:.4f}'
@@ -325,6 +324,11 @@ def _end_epoch(run: _Run, r_state, step: int, t0: float) -> float:
         + f'), best {meta["best"]:.4f} at epoch {meta["best_epoch"]}', flush=True)
   if warning:
     print(warning, file=sys.stderr, flush=True)
+  stop = stop_record(meta, step, config)
+  if stop is not None:
+    run.log.append(stop)
+    print(stop['message'], flush=True)
+  run.log.flush()
   host_state = parallel.unreplicate(r_state)
   if improved:
     run.ckpts.save('best', step, host_state, run.save_meta())
@@ -333,18 +337,43 @@ def _end_epoch(run: _Run, r_state, step: int, t0: float) -> float:
 
 
 def _early_stopping(meta: dict, score: float, step: int, config) -> bool:
-  """Counts the epoch just validated into `meta`; whether `score` is a new best."""
+  """Counts the epoch just validated into `meta`; whether `score` is a new best.
+
+  The run is done (meta['done']) once `train.patience` epochs in a row brought no new best,
+  but never before `train.min_epochs` epochs, or once `train.max_steps` steps are taken.
+  """
   meta['epoch'] += 1
   improved = meta['best'] is None or score > meta['best']
   if improved:
     meta.update(best=float(score), best_epoch=meta['epoch'], bad_epochs=0)
   else:
     meta['bad_epochs'] += 1
-  if meta['bad_epochs'] >= config.train.patience:
+  if (meta['bad_epochs'] >= config.train.patience
+      and meta['epoch'] >= config.train.min_epochs):
     meta['done'] = True
   if config.train.max_steps and step >= config.train.max_steps:
     meta['done'] = True
   return improved
+
+
+def stop_record(meta: dict, step: int, config) -> Optional[dict]:
+  """The metrics.jsonl record (with its console `message`) of a run that ends before
+  `train.num_epochs` epochs; None while it goes on or when it ran them all."""
+  if not meta['done'] or meta['epoch'] >= config.train.num_epochs:
+    return None
+  t = config.train
+  if t.max_steps and step >= t.max_steps:
+    setting = {'max_steps': t.max_steps}
+    why = f'train.max_steps={t.max_steps} reached at step {step}'
+  else:
+    setting = {'patience': t.patience, 'min_epochs': t.min_epochs}
+    why = (f'no new best validation score for {meta["bad_epochs"]} epochs '
+           f'(train.patience={t.patience}, train.min_epochs={t.min_epochs})')
+  message = (f'early stop after epoch {meta["epoch"]} of {t.num_epochs}: {why}; '
+             f'best {meta["best"]:.4f} at epoch {meta["best_epoch"]}')
+  return {'early_stop': dict(setting, epoch=meta['epoch'], step=step,
+                             best_epoch=meta['best_epoch'], best_score=meta['best']),
+          'message': message}
 
 
 def _plot_curves(metrics_path, out_png):

@@ -86,6 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.batch_size = 128        # global batch size (all devices together)
   train.num_epochs = 200        # upper bound on epochs
   train.patience = 10           # early stop after this many epochs without validation improvement
+  train.min_epochs = 30         # … but never before this many epochs (docs/model.md §5): a model
+  #                               whose validation plateaus early still gets a fair chance
   train.select_on = 'auto'      # the checkpoint's validation score: 'factual', 'debiased' (MACI,
   #                               τ chosen on valid), 'auto' (debiased with MACI, else factual)
   train.collapse_epochs = 3     # warn when every validation example gets one class this many epochs in a row (0: never)

