@@ -177,7 +177,7 @@ def main(argv):
   flops_source = 'XLA cost analysis'
   if model.ops.name == 'native':
     # XLA cannot see inside the native kernels: count the same work in its XLA form
-    fn_xla = timed_fn(model.clone(ops=backend.plain_ops()))
+    fn_xla = timed_fn(model.clone(base=model.base.clone(ops=backend.plain_ops())))
     flops = _flops(jax.pmap(fn_xla, axis_name='batch', devices=devices).lower(
         r_state, batch).compile())
     flops_source = 'XLA cost analysis of the same work with model.kernels=xla'
