@@ -43,8 +43,9 @@ def _fixture_kernels():
 
 @pytest.mark.parametrize('path,kernels', _fixture_kernels())
 def test_check_reference_within_tolerance(path, kernels):
-  diffs, failed = check_reference.compare(path, kernels)
+  diffs, failed, noise = check_reference.compare(path, kernels)
   assert not failed, {k: diffs[k] for k in failed}
+  assert noise['rule'] == 'original'  # the fixtures hold the original's gradients
   z = np.load(path)
   # every output, loss and parameter of the fixture was compared
   expected = {k for k in z.files if k.startswith(('output/', 'loss/'))}
@@ -93,9 +94,21 @@ def test_check_reference_cli(path):
   r = subprocess.run([sys.executable, '-m', 'cider_jax.compat.check_reference', path,
                       '--kernels=xla'], capture_output=True, text=True, cwd=ROOT)
   assert r.returncode == 0, r.stderr
-  last = json.loads(r.stdout.strip().splitlines()[-1])
+  lines = r.stdout.strip().splitlines()
+  last = json.loads(lines[-1])
   assert 'output/full/pred' in last and 'loss/loss_task' in last
   assert all(isinstance(v, float) for v in last.values())
+  noise = json.loads(lines[-2])
+  assert noise['noise_rule'] == 'original'
+  z = np.load(path)
+  # one count per compared parameter: the elements whose gradient is below 1e-6 in the
+  # original's teacher or second update (the second only, for the student-only recon_*)
+  for name, count in noise['noise_elements'].items():
+    small = np.abs(z[f'grad_second/{name}']) < 1e-6
+    if not name.startswith('recon_'):
+      small |= np.abs(z[f'grad_teacher/{name}']) < 1e-6
+    assert count == int(small.sum()), name
+  assert "judged from the original's gradients" in r.stderr
 
 
 def test_check_reference_detects_a_wrong_parameter(tmp_path):
@@ -104,8 +117,41 @@ def test_check_reference_detects_a_wrong_parameter(tmp_path):
   z['param/proj1.bias'] = z['param/proj1.bias'] + 1e-2
   bad = tmp_path / 'bad.npz'
   np.savez(bad, **z)
-  diffs, failed = check_reference.compare(str(bad))
+  diffs, failed, _ = check_reference.compare(str(bad))
   assert 'output/full/pred' in failed
+
+
+def _hide_a_gradient(z):
+  """The fixture as a cider_jax that drops gradients would meet it: elements of proj1.bias
+  whose gradient is exactly 0 in the original's run (and in cider_jax's, which matches it)
+  are given a real gradient there, and moved by 2·lr as the original's two Adam steps would."""
+  z = dict(z)
+  name, lr = 'proj1.bias', json.loads(str(z['meta_json']))['adam']['lr']
+  dead = (z[f'grad_teacher/{name}'] == 0) & (z[f'grad_second/{name}'] == 0)
+  assert dead.sum() >= 1
+  for k in ('grad_teacher', 'grad_second'):
+    z[f'{k}/{name}'] = np.where(dead, np.float32(1e-2), z[f'{k}/{name}'])
+  z[f'param_after_step/{name}'] = z[f'param_after_step/{name}'] - np.where(
+      dead, np.float32(2 * lr), np.float32(0))
+  return z, name, int(dead.sum())
+
+
+def test_a_gradient_the_original_has_and_cider_jax_lacks_fails_the_check(tmp_path):
+  path = os.path.join(FIXTURES_DIR, 'unaligned_binary.npz')
+  z, name, n_dead = _hide_a_gradient(np.load(path))
+  bad = tmp_path / 'hidden.npz'
+  np.savez(bad, **z)
+  diffs, failed, noise = check_reference.compare(str(bad), 'native')
+  assert noise['rule'] == 'original'
+  assert f'param_after_step/{name}' in failed
+  assert diffs[f'param_after_step/{name}'] == pytest.approx(2e-3, rel=1e-3)
+  # judged by cider_jax's own gradients (the fallback for fixtures without grad_*), the same
+  # elements count as noise, allowed about 4·lr, and the dropped gradient goes unseen
+  old = tmp_path / 'old_format.npz'
+  np.savez(old, **{k: v for k, v in z.items() if not k.startswith('grad_')})
+  diffs, failed, noise = check_reference.compare(str(old), 'native')
+  assert noise['rule'] == 'cider_jax' and not failed
+  assert noise['elements'][name] >= n_dead
 
 
 def test_check_reference_bad_file(tmp_path):

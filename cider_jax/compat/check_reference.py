@@ -5,11 +5,14 @@
 Reads the architecture from the file (`meta_json` and shapes), converts `param/*` to Flax,
 runs the teacher, student and test passes, the loss terms and one full training iteration
 with the fixture's keep-masks, and prints as its last line one JSON object mapping every
-compared key to its max absolute difference. Exit status 0 only if all are within tolerance:
-outputs and losses 1e-4; parameters after the step 1e-5, except elements whose gradient is
-below 1e-6 in either update (keys ending in `_small_grad`: Adam turns float32 noise there into
-updates of up to about lr each, of either sign, docs/model.md §4, so two implementations can differ
-by up to twice the sum of the bounds of the updates the element takes, `noise_tolerance`).
+compared key to its max absolute difference, after one JSON object with the rule that judged
+float32 noise and the count of noise elements per parameter. Exit status 0 only if all are
+within tolerance: outputs and losses 1e-4; parameters after the step 1e-5, except elements
+whose gradient in the original's run (the fixture's `grad_teacher/`, `grad_second/`; cider_jax's
+own for fixtures without them) is below 1e-6 in either update (keys ending in `_small_grad`:
+Adam turns float32 noise there into updates of up to about lr each, of either sign,
+docs/model.md §4, so two implementations can differ by up to twice the sum of the bounds of the
+updates the element takes, `noise_tolerance`).
 """
 import json
 import sys
@@ -166,28 +169,49 @@ def compare(path, kernels='auto'):
       diffs[key] = float(np.max(np.abs(np.asarray(value, np.float64) - arrays[key])))
       tol[key] = OUTPUT_TOL
   after = flax_to_torch(jax.device_get(new_state.params), cross)
-  g_t, g_2 = (flax_to_torch(jax.device_get(g), cross) for g in metrics['grads'])
+  grads, rule = noise_gradients(arrays, metrics['grads'], cross)
   student_only = {k for k in after if k.startswith('recon_')}
   lrs = {k: (meta['adam']['bert_lr'] if k.startswith('text_model.') else meta['adam']['lr'])
          for k in after}
   b1, b2 = meta['adam']['betas']
+  noise = {'rule': rule, 'elements': {}}
   for name, value in after.items():
     key = f'param_after_step/{name}'
     if key not in arrays or name in BUFFERS:  # buffers are constants, not parameters
       continue
     ref = arrays[key].astype(np.float64)
     diff = np.abs(value.astype(np.float64) - ref)
-    small = np.abs(g_2[name]) < SMALL_GRAD
+    g_t, g_2 = grads(name)
+    small = np.abs(g_2) < SMALL_GRAD
     if name not in student_only:
-      small |= np.abs(g_t[name]) < SMALL_GRAD
+      small |= np.abs(g_t) < SMALL_GRAD
     diffs[key] = float(np.max(np.where(small, 0.0, diff), initial=0.0))
     tol[key] = PARAM_TOL
+    noise['elements'][name] = int(small.sum())
     if small.any():
       diffs[key + '_small_grad'] = float(np.max(np.where(small, diff, 0.0), initial=0.0))
       tol[key + '_small_grad'] = noise_tolerance(
           lrs[name], b1, b2, (1,) if name in student_only else (1, 2))
   failed = sorted(k for k in diffs if not diffs[k] <= tol[k])
-  return diffs, failed
+  return diffs, failed, noise
+
+
+def noise_gradients(arrays, our_grads, cross):
+  """(name -> (teacher gradient, second-update gradient), rule): the gradients that decide
+  which elements are float32 noise. The original's (`grad_teacher/NAME`, `grad_second/NAME`)
+  when the fixture holds them (rule 'original'); else cider_jax's own (rule 'cider_jax', the
+  fallback for fixtures made before the original's gradients were recorded: it cannot see a
+  gradient that cider_jax drops where the original has one)."""
+  if any(k.startswith('grad_second/') for k in arrays):
+    def grads(name):
+      keys = (f'grad_teacher/{name}', f'grad_second/{name}')
+      missing = [k for k in keys if k not in arrays]
+      if missing:
+        raise FixtureError(f'the fixture has the original\'s gradients but not {missing[0]}')
+      return tuple(arrays[k] for k in keys)
+    return grads, 'original'
+  g_t, g_2 = (flax_to_torch(jax.device_get(g), cross) for g in our_grads)
+  return (lambda name: (g_t[name], g_2[name])), 'cider_jax'
 
 
 def main(argv):
@@ -204,12 +228,19 @@ def main(argv):
           '[--kernels auto|native|xla]', file=sys.stderr)
     return 2
   try:
-    diffs, failed = compare(args[0], kernels)
+    diffs, failed, noise = compare(args[0], kernels)
   except FixtureError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   for k in failed:
     print(f'out of tolerance: {k} = {diffs[k]:.3g}', file=sys.stderr)
+  source = ("the original's gradients (grad_teacher/, grad_second/)" if noise['rule'] == 'original'
+            else "cider_jax's own gradients: the fixture has no grad_teacher/, grad_second/ "
+                 '(a gradient cider_jax drops cannot be told from noise; regenerate it)')
+  print(f'float32-noise elements judged from {source}: {sum(noise["elements"].values())} in '
+        f'{sum(n > 0 for n in noise["elements"].values())} of {len(noise["elements"])} '
+        'parameters', file=sys.stderr)
+  print(json.dumps({'noise_rule': noise['rule'], 'noise_elements': noise['elements']}))
   print(json.dumps(diffs))
   return 1 if failed else 0
 
