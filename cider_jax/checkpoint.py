@@ -15,6 +15,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 from typing import Any, Optional, Sequence, Tuple
 
 import jax
@@ -181,11 +182,36 @@ def is_local(path) -> bool:
   return '://' not in os.fspath(path)
 
 
+def write_bytes(path, data: bytes) -> None:
+  """`data` as the whole file at a local or gs:// path, never half-written: locally through a
+  temporary file in the same folder, renamed over `path` once complete (a failed write leaves
+  what was there before and no temporary file); an object store replaces objects whole."""
+  if not is_local(path):
+    epath.Path(path).write_bytes(data)
+    return
+  path = os.fspath(path)
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                             prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_text(path, text: str) -> None:
+  """`text` (UTF-8) as the whole file at `path`, as `write_bytes`."""
+  write_bytes(path, text.encode('utf-8'))
+
+
 def write_npz(path, arrays: dict, compressed: bool = False) -> None:
-  """np.savez(_compressed) to a local or gs:// path."""
+  """np.savez(_compressed) to a local or gs:// path, as `write_bytes`."""
   buf = io.BytesIO()
   (np.savez_compressed if compressed else np.savez)(buf, **arrays)
-  epath.Path(path).write_bytes(buf.getvalue())
+  write_bytes(path, buf.getvalue())
 
 
 def read_npz(path) -> dict:
@@ -200,4 +226,4 @@ def write_figure(fig, path, **savefig_kwargs) -> None:
   """fig.savefig to a local or gs:// path (the format from the file name's suffix)."""
   buf = io.BytesIO()
   fig.savefig(buf, format=epath.Path(path).suffix.lstrip('.') or 'png', **savefig_kwargs)
-  epath.Path(path).write_bytes(buf.getvalue())
+  write_bytes(path, buf.getvalue())
