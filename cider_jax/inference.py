@@ -8,9 +8,11 @@
 
 audio / vision: a list of (T_i, D) arrays (any number of frames; cut or zero-padded to the
 run's length) or one (N, T, D) array with optional lengths (N,). Texts are tokenised with the
-run's tokenizer (cut to its length L); `text_bert` (N, 3, L') token ids / attention mask /
-segment ids, the MMSA layout, can be given instead. τ: the run's evaluation report (chosen on
-the validation split), 0 when the run has no report, unless given.
+run's tokenizer and cut to its length L (out['text_truncated'] marks the texts that were
+longer); `text_bert` (N, 3, L') token ids / attention mask / segment ids, the MMSA layout, can
+be given instead (a row longer than L is a bad row, never cut). τ: the run's evaluation report
+(chosen on the validation split), 0 when the run has no report, unless given: a given τ must
+be a finite number >= 0 (ValueError otherwise).
 
 What is read once: the best checkpoint's parameters (from abstract shapes, no optimizer
 state), the train-split constants (prototypes, bias words, audio / vision standardisation
@@ -125,6 +127,18 @@ def token_rows(text_bert, L: int, vocab_size: int):
   return ids, mask, seg, bad
 
 
+def check_tau(tau) -> float:
+  """τ as a float: a finite number >= 0, else ValueError saying so."""
+  try:
+    value = float(tau)
+  except (TypeError, ValueError):
+    raise ValueError(f'tau {tau!r}: expected a number (a finite τ >= 0)') from None
+  if not np.isfinite(value) or value < 0:
+    raise ValueError(f'tau {value!r}: τ must be a finite number >= 0 (0 = the factual '
+                     'prediction)')
+  return value
+
+
 def _softmax(z):
   z = np.exp(z - z.max(axis=1, keepdims=True))
   return z / z.sum(axis=1, keepdims=True)
@@ -146,11 +160,14 @@ class Predictor:
   def __init__(self, workdir: str, tau: Optional[float] = None,
                buckets: Sequence[int] = DEFAULT_BUCKETS,
                compilation_cache: Optional[str] = None):
-    """workdir: a training run (checkpoints/best, constants.npz); tau: overrides the report's;
-    buckets: the padded batch sizes; compilation_cache: a folder for compiled programs ('' =
-    none; None = the run's config.train.compilation_cache)."""
+    """workdir: a training run (checkpoints/best, constants.npz); tau: overrides the report's
+    (a finite number >= 0, checked before anything is read); buckets: the padded batch sizes;
+    compilation_cache: a folder for compiled programs ('' = none; None = the run's
+    config.train.compilation_cache)."""
     if not buckets or any(int(b) < 1 for b in buckets):
       raise ValueError(f'buckets {tuple(buckets)!r}: expected batch sizes >= 1')
+    if tau is not None:
+      tau = check_tau(tau)
     evaluate.check_trained_run(workdir)
     meta = ckpt_lib.Checkpoints(workdir).read_meta('best')
     if meta is None:
@@ -180,7 +197,9 @@ class Predictor:
               text_bert=None):
     """(inputs, bad rows): the model's inputs (N, …) at the run's shapes and every example
     that cannot be predicted (BadRow, sorted by row). Give `texts` (N strings) or
-    `text_bert` (N, 3, L') token ids, mask and segments."""
+    `text_bert` (N, 3, L') token ids, mask and segments. inputs['text_truncated'] (N,) bool
+    marks the texts longer than the run's L tokens, which were cut to L (never a token row:
+    one too long is a bad row)."""
     L, La, Lv = self.spec.seq_lens
     Da, Dv = self.spec.feature_dims
     if (texts is None) == (text_bert is None):
@@ -197,9 +216,13 @@ class Predictor:
       ids = enc['input_ids'][:n].astype(np.int32)
       mask = enc['attention_mask'][:n].astype(np.float32)
       seg = enc['token_type_ids'][:n].astype(np.int32)
+      whole = (self.tokenizer(safe[:n], truncation=False, verbose=False)['input_ids']
+               if n else [])
+      truncated = np.array([len(t) > L for t in whole], bool)
     else:
       ids, mask, seg, bad = token_rows(text_bert, L, self.vocab_size)
       n = len(ids)
+      truncated = np.zeros(n, bool)
     counts = [len(x) for x in (audio, vision, audio_lengths, vision_lengths) if x is not None]
     if any(c != n for c in counts):
       raise ValueError(f'texts, audio, vision (and their lengths) must have the same number of '
@@ -209,7 +232,8 @@ class Predictor:
     if self.spec.aligned:
       am = vm = mask
     inputs = {'text_ids': ids, 'text_mask': mask, 'text_segments': seg,
-              'audio': a, 'audio_mask': am, 'vision': v, 'vision_mask': vm}
+              'audio': a, 'audio_mask': am, 'vision': v, 'vision_mask': vm,
+              'text_truncated': truncated}
     return inputs, sorted(bad + bad_a + bad_v)
 
   # ---------------------------------------------------------------------------- prediction
@@ -232,8 +256,9 @@ class Predictor:
     return tuple(sorted(self._programs))
 
   def predict_inputs(self, inputs: dict, tau: Optional[float] = None, progress: bool = False):
-    """Predictions for prepared inputs (`prepare`), in chunks of the buckets' sizes."""
-    tau = self.tau if tau is None else float(tau)
+    """Predictions for prepared inputs (`prepare`), in chunks of the buckets' sizes; τ, when
+    given, a finite number >= 0 (ValueError otherwise)."""
+    tau = self.tau if tau is None else check_tau(tau)
     n = len(inputs['text_ids'])
     logp, logp_cf = [], []
     start = 0
@@ -259,20 +284,22 @@ class Predictor:
       bar.close()
     C = self.spec.num_classes
     logp = np.concatenate(logp) if logp else np.zeros((0, C), np.float32)
+    truncated = np.asarray(inputs.get('text_truncated', np.zeros(n, bool)), bool)
     if not maci.enabled(self.model):        # factual only: no counterfactual pass, no τ
       return {'probs': np.exp(np.asarray(logp, np.float64)), 'probs_debiased': None,
               'labels': logp.argmax(axis=1), 'labels_factual': logp.argmax(axis=1),
-              'logp': logp, 'logp_cf': None, 'tau': None}
+              'logp': logp, 'logp_cf': None, 'tau': None, 'text_truncated': truncated}
     logp_cf = np.concatenate(logp_cf) if logp_cf else np.zeros((0, C), np.float32)
     debiased = np.asarray(logp, np.float64) - tau * np.asarray(logp_cf, np.float64)
     return {'probs': np.exp(np.asarray(logp, np.float64)), 'probs_debiased': _softmax(debiased),
             'labels': debiased.argmax(axis=1), 'labels_factual': logp.argmax(axis=1),
-            'logp': logp, 'logp_cf': logp_cf, 'tau': tau}
+            'logp': logp, 'logp_cf': logp_cf, 'tau': tau, 'text_truncated': truncated}
 
   def __call__(self, texts=None, audio=(), vision=(), audio_lengths=None, vision_lengths=None,
                *, text_bert=None, tau: Optional[float] = None, progress: bool = False) -> dict:
     """{'probs', 'probs_debiased': (N, C), 'labels', 'labels_factual': (N,) int, 'logp',
-    'logp_cf': (N, C) log-probabilities of the factual and counterfactual passes, 'tau'}; a run
+    'logp_cf': (N, C) log-probabilities of the factual and counterfactual passes, 'tau',
+    'text_truncated': (N,) bool, the texts longer than the run's L tokens, cut to L}; a run
     trained with maci.enabled=False has no counterfactual pass: 'probs_debiased', 'logp_cf' and
     'tau' are None and 'labels' are the factual ones.
 
@@ -288,7 +315,7 @@ class Predictor:
 def _run_tau(workdir: str, tau: Optional[float]):
   """(τ, source): the given value, else the report's (chosen on validation), else 0."""
   if tau is not None:
-    return float(tau), 'given'
+    return check_tau(tau), 'given'
   report = epath.Path(workdir) / 'eval' / 'report.json'
   if report.exists():
     value = (json.loads(report.read_text()).get('tau') or {}).get('value')
@@ -300,5 +327,6 @@ def _run_tau(workdir: str, tau: Optional[float]):
 def predict(workdir: str, texts: Sequence[str], audio, vision, audio_lengths=None,
             vision_lengths=None, tau: Optional[float] = None) -> dict:
   """One call: `Predictor(workdir, tau)(texts, audio, vision, audio_lengths, vision_lengths)`.
-  Keep a Predictor to predict more than once: this restores and compiles every time."""
+  Keep a Predictor to predict more than once: this restores and compiles every time. A given
+  τ must be a finite number >= 0 (ValueError before anything is read)."""
   return Predictor(workdir, tau=tau)(texts, audio, vision, audio_lengths, vision_lengths)
