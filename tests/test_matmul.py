@@ -57,3 +57,16 @@ def test_bfloat16_dense_gradients_compile_and_run(shape, features):
   grads = jax.jit(jax.grad(lambda p, x: jnp.sum(layer.apply(p, x) ** 2), argnums=(0, 1)))(
       params, x)
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  # the values, from bfloat16-rounded operands in float64: y = x·W + b, dL/dy = 2y (rounded
+  # to bfloat16 as the backward's operand), dL/dW = xᵀ·dy, dL/dx = dy·Wᵀ. A y element next
+  # to a bfloat16 rounding boundary may round the other way (2^-8 relative), and float32
+  # accumulation over up to 3072 terms adds ~1e-5: 1 % of the largest value covers both.
+  w, bias = (np.asarray(params['params'][k], np.float64) for k in ('kernel', 'bias'))
+  xr, wr = _round(np.asarray(x)), _round(w)
+  dy = _round(2 * (xr @ wr + bias))
+  want_w = xr.reshape(-1, xr.shape[-1]).T @ dy.reshape(-1, features)
+  want_x = dy @ wr.T
+  for got, want in ((grads[0]['params']['kernel'], want_w), (grads[1], want_x),
+                    (grads[0]['params']['bias'], 2 * (xr @ wr + bias).reshape(-1, features).sum(0))):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0,
+                               atol=1e-2 * np.abs(want).max() + 1e-6)

@@ -157,6 +157,23 @@ def test_jit_and_grad(aligned):
   assert all(np.isfinite(v) for v in norms.values())
   assert norms['text_encoder'] > 0 and norms['mct'] > 0 and norms['recon_audio'] > 0
   assert (norms['wsam_a'] == 0) == aligned  # aligned data skips WSAM
+  # the gradient's values: along a random unit direction in each group, against central
+  # finite differences of the loss (ε 1e-2 in parameter norm: float32 rounding of a loss of
+  # ~1 gives ~1e-5 in the quotient, the second-order term ~ε·curvature: 3 % relative plus
+  # 2e-4 absolute covers both)
+  for i, group in enumerate(('text_encoder', 'gru_a', 'mct', 'recon_audio', 'mcm')):
+    leaves = jax.tree.leaves(params[group])
+    keys = jax.random.split(jax.random.PRNGKey(10 + i), len(leaves))
+    d = [jax.random.normal(k, t.shape) for k, t in zip(keys, leaves)]
+    norm = jnp.sqrt(sum(jnp.sum(t ** 2) for t in d))
+    v = jax.tree.unflatten(jax.tree.structure(params[group]), [t / norm for t in d])
+    moved = lambda s: dict(params, **{group: jax.tree.map(lambda t, d: t + s * d,
+                                                          params[group], v)})
+    eps = 1e-2
+    numeric = (float(loss(moved(eps))) - float(loss(moved(-eps)))) / (2 * eps)
+    analytic = float(sum(jnp.sum(a * d) for a, d in zip(jax.tree.leaves(g[group]),
+                                                        jax.tree.leaves(v))))
+    assert abs(analytic - numeric) <= 0.03 * abs(numeric) + 2e-4, (group, analytic, numeric)
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -164,11 +181,17 @@ def test_bfloat16_compute_keeps_float32_params():
   m32, m16 = _model(), _model(dtype=jnp.bfloat16)
   params = m32.init(jax.random.PRNGKey(0), x, f, p)
   assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(m16.init(jax.random.PRNGKey(0), x, f, p)))
-  a = np.asarray(m32.apply(params, x, f, p)['logp'])
-  b = np.asarray(m16.apply(params, x, f, p)['logp'])
+  o32, o16 = m32.apply(params, x, f, p), m16.apply(params, x, f, p)
+  a, b = np.asarray(o32['logp']), np.asarray(o16['logp'])
   assert b.dtype == np.float32 and np.all(np.isfinite(b))
   # bfloat16 has an 8-bit mantissa: log-probs agree to a few 1e-2, not 1e-5
   assert np.max(np.abs(a - b)) < 0.1
+  # the text encoder's states (O(1), not near-uniform): bfloat16 operands are really used
+  # (they differ from float32 by more than float32 rounding, ~1e-7) and the error stays at
+  # the scale of bfloat16 rounding through two layers (unit roundoff 2^-9 ≈ 0.002 per operand)
+  h32, h16 = (np.asarray(o['text_hidden'], np.float64) for o in (o32, o16))
+  rel = np.linalg.norm(h16 - h32) / np.linalg.norm(h32)
+  assert 1e-4 < rel < 2e-2, rel
 
 
 @pytest.mark.parametrize('config,overrides,expected', [

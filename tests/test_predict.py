@@ -73,6 +73,22 @@ def test_equals_the_evaluation(run):
   np.testing.assert_array_equal(out['labels_factual'], want['factual'].argmax(1))
 
 
+def test_debiased_at_a_given_tau_equals_the_formula(run):
+  """The report's τ may be 0 on a random model (debiased = factual): at τ 1.3 the debiased
+  probabilities differ from the factual ones and are softmax(y − 1.3·y_cf) of the evaluation's
+  log-probabilities."""
+  p = inference.Predictor(run['workdir'], tau=1.3, buckets=(8, 32))
+  assert p.tau == 1.3
+  want = run['want']
+  out = p(**_rows(run['valid'], np.arange(40)))
+  z = want['factual'].astype(np.float64) - 1.3 * want['counterfactual']
+  soft = np.exp(z - z.max(1, keepdims=True))
+  expected = soft / soft.sum(1, keepdims=True)
+  assert np.abs(expected - np.exp(want['factual'])).max() > 100 * ATOL  # the check has teeth
+  np.testing.assert_allclose(out['probs_debiased'], expected, atol=ATOL)
+  np.testing.assert_array_equal(out['labels'], z.argmax(1))
+
+
 def test_bucketing_1_7_and_300(run):
   """1, 7 and 300 examples run in the padded sizes 1, 8 and 9×32 + 32, compiled once each,
   and every example gets the evaluation's value wherever it sits in a padded batch."""
