@@ -54,12 +54,39 @@ class Checkpoints:
         state=ocp.args.StandardSave(jax.device_get(state)), meta=ocp.args.JsonSave(meta)))
     mgr.wait_until_finished()
 
-  def read_meta(self, which: str, step: Optional[int] = None) -> Optional[dict]:
+  def meta_file(self, which: str, step: int) -> str:
+    """The path of the JSON meta of checkpoint `step` of a series (orbax's layout)."""
+    return os.path.join(self.root, which, str(step), 'meta', 'metadata')
+
+  def read_meta(self, which: str, step: Optional[int] = None,
+                required: Sequence[str] = ()) -> Optional[dict]:
+    """The meta of checkpoint `step` (default: the newest) of a series, or None if the series
+    has none. A meta file that is missing, not JSON, not a JSON object or without one of the
+    `required` keys raises CheckpointError naming it and what to do."""
     mgr = self._series(which)
     step = mgr.latest_step() if step is None else step
     if step is None:
       return None
-    return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    try:
+      meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+    except (FileNotFoundError, KeyError) as e:  # KeyError: orbax finds no 'meta' item
+      raise self.damaged(which, step, 'is missing') from e
+    except ValueError as e:  # json.JSONDecodeError: truncated or overwritten
+      raise self.damaged(which, step, f'is not valid JSON ({" ".join(str(e).split())[:120]})') \
+          from e
+    if not isinstance(meta, dict):
+      raise self.damaged(which, step, f'holds a JSON {type(meta).__name__}, not an object')
+    missing = [k for k in required if k not in meta]
+    if missing:
+      raise self.damaged(which, step, f'has no {" and no ".join(map(repr, missing))}')
+    return meta
+
+  def damaged(self, which: str, step: int, problem: str) -> CheckpointError:
+    """CheckpointError for checkpoint `step` of a series whose meta file has `problem`."""
+    return CheckpointError(
+        f'checkpoint {which}/{step} is damaged: {self.meta_file(which, step)} {problem}; '
+        f'restore {os.path.join(self.root, which, str(step))} from a copy, or train the run '
+        'again with a fresh --workdir')
 
   def restore(self, which: str, target, config=None,
               fields: Optional[Sequence[str]] = None) -> Optional[Tuple[Any, dict]]:

@@ -9,16 +9,20 @@ is allowed, e.g.
   config.model.num_heads is 5; expected a divisor of model.embed_dim=32: 1, 2, 4, 8, 16 or 32
 
 Only fields present in the config are checked, so a config with fewer fields still validates.
-`parse_flags` is an absl flags parser for the launchers: an override of a field the config
-does not have (`--config.train.no_such_key=1`) becomes one `error:` line and exit code 2.
+`parse_flags` is an absl flags parser for the launchers: a config file that cannot be loaded
+(`--config configs/nope.py`) or an override of a field the config does not have
+(`--config.train.no_such_key=1`) becomes one `error:` line and exit code 2; `--help` exits
+with code 0.
 """
 import importlib.util
 import json
 import numbers
 import os
 import sys
+import tempfile
 
-from absl import app
+from absl import app, flags
+from ml_collections import config_flags
 
 from cider_jax.data import mmsa, synthetic
 from cider_jax.data.validate import DataError
@@ -286,9 +290,11 @@ def validate(config, *, workdir=None, check_paths: bool = True,
 
 
 def check_workdir(workdir) -> None:
-  """A URI workdir (gs://…) needs its fsspec filesystem: gcsfs for gs:// (requirements-gcs.txt)."""
+  """A local workdir must be a folder, or a path where one can be made; a URI workdir (gs://…)
+  needs its fsspec filesystem: gcsfs for gs:// (requirements-gcs.txt)."""
   workdir = str(workdir)
   if '://' not in workdir:
+    _check_local_workdir(workdir)
     return
   scheme = workdir.split('://', 1)[0]
   needs = {'gs': 'gcsfs', 's3': 's3fs'}.get(scheme)
@@ -300,11 +306,118 @@ def check_workdir(workdir) -> None:
                       'pip install -r requirements-gcs.txt', field='workdir', value=workdir)
 
 
-def parse_flags(argv):
-  """absl flags parser (`app.run(main, flags_parser=parse_flags)`): as absl's own, but an
-  override naming a field the config lacks prints one `error:` line and exits with code 2."""
+def _check_local_workdir(workdir: str) -> None:
+  """ConfigError unless `workdir` is a folder this process can write in, or can be made:
+  checked before any work, so a run never fails at its first save."""
+  def fail(problem):
+    raise ConfigError(f'workdir {workdir!r} {problem}; choose another --workdir',
+                      field='workdir', value=workdir)
+
+  path = os.path.abspath(workdir)
+  existing = path  # the workdir, or the nearest folder above it that exists
+  while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    fail('is a file, not a directory' if existing == path else
+         f'is under {existing}, which is a file, not a directory')
+  try:  # what a run does first: make a folder there (removed at once)
+    os.rmdir(tempfile.mkdtemp(dir=existing, prefix='.cider_jax_check_'))
+  except OSError as e:
+    fail(f'cannot be written ({e.strerror or e})' if existing == path else
+         f'cannot be made: no folder can be created in {existing} ({e.strerror or e})')
+
+
+# absl's help flags: each prints the help and exits with code 1 (0 here)
+_HELP_FLAGS = ('help', '?', 'helpshort', 'helpfull', 'helpxml')
+
+
+def _help_asked(argv):
+  """The help flag of argv (e.g. '--helpfull'), or None when no help is asked for."""
+  for arg in argv[1:]:
+    if arg == '--':
+      break
+    if not arg.startswith('-'):
+      continue
+    name, eq, value = arg.lstrip('-').partition('=')
+    if name in _HELP_FLAGS and (not eq or value.lower() in ('true', 't', '1')):
+      return arg
+  return None
+
+
+def _config_flags() -> list:
+  """The names of the config-file flags the launcher defines ('config')."""
+  names = []
+  for name in flags.FLAGS:
+    try:
+      config_flags.get_config_filename(flags.FLAGS[name])
+    except TypeError:  # not a config flag
+      continue
+    except flags.Error:  # a config flag not parsed yet
+      pass
+    names.append(name)
+  return names
+
+
+def _config_arg(argv, name):
+  """The value of --NAME in argv (the last one), or None when it is not given."""
+  value = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == '--':
+      break
+    if arg in (f'--{name}', f'-{name}') and i + 1 < len(argv):
+      value = argv[i + 1]
+    elif arg.startswith((f'--{name}=', f'-{name}=')):
+      value = arg.split('=', 1)[1]
+  return value
+
+
+def _config_load_error(argv, error: OSError) -> str:
+  """The `error:` line for a config file that could not be loaded."""
+  problem = ' '.join(str(error).split())
+  names = _config_flags() or ['config']
+  for name in names:
+    path = _config_arg(argv, name)
+    if path is None:
+      continue
+    file = path.split(':', 1)[0]
+    if not os.path.exists(file):
+      problem = 'no such file'
+    elif os.path.isdir(file):
+      problem = 'a directory, not a config file'
+    return (f'error: --{name} {path}: {problem}; give a config file such as '
+            'configs/quickstart.py (configs/*.py)')
+  return (f'error: --{names[0]}: the config file cannot be loaded ({problem}); give a config '
+          'file such as configs/quickstart.py (configs/*.py)')
+
+
+def _load_failure(value):
+  """The OSError of a config flag whose file could not be loaded (ml_collections keeps it for
+  the value's first use), or None."""
   try:
-    return app.parse_flags_with_usage(argv)
+    getattr(value, 'lock', None)
+  except OSError as e:
+    return e
+  return None
+
+
+def parse_flags(argv):
+  """absl flags parser (`app.run(main, flags_parser=parse_flags)`): as absl's own, but
+  - --help (--helpfull, --helpshort, -?, --helpxml) prints the help and exits with code 0;
+  - a config file that cannot be loaded (--config configs/nope.py), or an override naming a
+    field the config lacks (--config.train.no_such_key=1), prints one `error:` line and exits
+    with code 2."""
+  asked = _help_asked(argv)
+  if asked:  # absl prints the help while parsing this flag, then exits with code 1
+    try:
+      app.parse_flags_with_usage([argv[0], asked])
+    except SystemExit as e:
+      sys.exit(0 if e.code == 1 else e.code)
+    sys.exit(0)
+  try:
+    rest = app.parse_flags_with_usage(argv)
+  except OSError as e:  # the config file could not be loaded, met by an override
+    print(_config_load_error(argv, e), file=sys.stderr)
+    sys.exit(2)
   except (AttributeError, KeyError) as e:
     detail = e.args[0] if e.args else e
     while isinstance(detail, BaseException) and detail.args:
@@ -319,3 +432,9 @@ def parse_flags(argv):
     print(f'error: {named[0]}: the config has no field {key!r}{hint}; '
           'configs/default.py lists the fields', file=sys.stderr)
     sys.exit(2)
+  for name in _config_flags():
+    error = _load_failure(flags.FLAGS[name].value)
+    if error is not None:
+      print(_config_load_error(argv, error), file=sys.stderr)
+      sys.exit(2)
+  return rest

@@ -50,7 +50,11 @@ class BestCheckpoint(NamedTuple):
 
 def check_trained_run(workdir) -> None:
   """A clear error unless `workdir` holds a training run's constants.npz."""
-  if not epath.Path(workdir).is_dir():
+  path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise EvaluationError(f'workdir {workdir!r} is a file, not a directory: give the folder '
+                          'of a training run (--workdir of python launch/train.py)')
+  if not path.is_dir():
     raise EvaluationError(f'workdir {workdir!r} does not exist: train first with '
                           f'python launch/train.py --config … --workdir {workdir}')
   cpath = epath.Path(workdir) / 'constants.npz'
@@ -69,12 +73,16 @@ def restore_best(config, workdir, train_split=None,
   """
   check_trained_run(workdir)
   ckpts = ckpt_lib.Checkpoints(workdir)
-  meta = ckpts.read_meta('best')
+  meta = ckpts.read_meta('best', required=('spec',))
   if meta is None:
     raise EvaluationError(f'no checkpoint in {ckpts.root}/best: train first (or the run was '
                           'stopped before its first validation)')
   ckpt_lib.check_compatible(meta, config)
-  spec = ckpt_lib.spec_from_json(meta['spec'])
+  try:
+    spec = ckpt_lib.spec_from_json(meta['spec'])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ckpts.damaged('best', ckpts.best.latest_step(), f'holds an unreadable spec '
+                        f'({type(e).__name__}: {e})') from e
   bert_config = spec_lib.text_encoder_config(config)
   special = special or run_state.special_tokens(config)
   c = run_state.with_feature_stats(_run_constants(config, workdir, train_split, special),
@@ -91,7 +99,7 @@ def _run_constants(config, workdir, train_split, special) -> dict:
   """The run's constants.npz, its bias vocabulary recomputed for other config.maci settings
   from `train_split` (an error without it)."""
   cpath = epath.Path(workdir) / 'constants.npz'
-  c = ckpt_lib.read_npz(cpath)
+  c = run_state.read_constants(cpath)
   if train_split is not None:
     return run_state.with_bias_vocab(config, c, train_split, special)
   if 'maci_top_k' in c and not run_state.bias_vocab_matches(config, c):
@@ -101,6 +109,38 @@ def _run_constants(config, workdir, train_split, special) -> dict:
                           f'{config.maci.top_k}, {config.maci.cv_threshold:g}; evaluate with '
                           'the train split loaded (launch/evaluate.py) to recompute it')
   return c
+
+
+def read_tau(workdir) -> Optional[float]:
+  """The τ of a run's evaluation (tau.value of <workdir>/eval/report.json, chosen on the
+  validation split), or None when the run has no report or the report no τ (maci.enabled=
+  False). A report that is not JSON, or whose τ is not a finite number >= 0, raises
+  EvaluationError naming the file and what to do."""
+  path = epath.Path(workdir) / 'eval' / 'report.json'
+  if not path.exists():
+    return None
+  remedy = (f'delete it and run python launch/evaluate.py --config … --workdir {workdir} to '
+            'write it again')
+  try:
+    report = json.loads(path.read_bytes())
+  except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+    raise EvaluationError(f'{path} is not a valid report ({" ".join(str(e).split())[:120]}); '
+                          f'{remedy}') from None
+  if not isinstance(report, dict):
+    raise EvaluationError(f'{path} holds a JSON {type(report).__name__}, not a report (an '
+                          f'object); {remedy}')
+  tau = report.get('tau')
+  if tau is not None and not isinstance(tau, dict):
+    raise EvaluationError(f'{path}: its tau is {tau!r:.60}, not an object with a value; '
+                          f'{remedy}')
+  value = None if tau is None else tau.get('value')
+  if value is None:
+    return None
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value)
+      or value < 0):
+    raise EvaluationError(f'{path}: tau.value is {value!r:.60}; expected a finite number >= 0 '
+                          f'(the τ chosen on validation); {remedy}')
+  return float(value)
 
 
 def _settings(config):

@@ -28,13 +28,11 @@ keeps the cache it had). Padding never changes a prediction (each example is com
 own), except under model.positions='reference', the original's batch-position quirk.
 """
 import functools
-import json
 from typing import NamedTuple, Optional, Sequence
 
 import jax
 import ml_collections
 import numpy as np
-from etils import epath
 
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import eval_step, evaluate, maci, parallel
@@ -169,7 +167,7 @@ class Predictor:
     if tau is not None:
       tau = check_tau(tau)
     evaluate.check_trained_run(workdir)
-    meta = ckpt_lib.Checkpoints(workdir).read_meta('best')
+    meta = ckpt_lib.Checkpoints(workdir).read_meta('best', required=('config', 'spec'))
     if meta is None:
       raise evaluate.EvaluationError(f'no best checkpoint under {workdir!r}')
     self.workdir = workdir
@@ -316,11 +314,9 @@ def _run_tau(workdir: str, tau: Optional[float]):
   """(τ, source): the given value, else the report's (chosen on validation), else 0."""
   if tau is not None:
     return check_tau(tau), 'given'
-  report = epath.Path(workdir) / 'eval' / 'report.json'
-  if report.exists():
-    value = (json.loads(report.read_text()).get('tau') or {}).get('value')
-    if value is not None:
-      return float(value), 'report'
+  value = evaluate.read_tau(workdir)   # EvaluationError for a damaged report
+  if value is not None:
+    return value, 'report'
   return 0.0, 'none'
 
 

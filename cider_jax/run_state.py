@@ -15,6 +15,8 @@ built with; `train_consts` / `eval_consts` turn them into the `consts` of the
 train step and of the eval step.
 """
 import time
+import zipfile
+import zlib
 from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
@@ -123,7 +125,7 @@ def constants(config, splits, spec, encoder, encoder_vars, workdir,
     multihost_utils.sync_global_devices('cider_jax constants.npz')
   if cached:
     train = splits['train']
-    c = with_feature_stats(ckpt_lib.read_npz(path), train.audio.shape[-1],
+    c = with_feature_stats(read_constants(path), train.audio.shape[-1],
                            train.vision.shape[-1])
     _note_standardize_setting(config, c)
     return with_bias_vocab(config, c, train, special)
@@ -141,6 +143,29 @@ def constants(config, splits, spec, encoder, encoder_vars, workdir,
   print(f'{what}prototypes, prior and {len(out["bias_vocab"])} bias words from {len(labels)} '
         f'train samples ({time.time() - t0:.1f} s) -> {path}', flush=True)
   return out
+
+
+# the arrays every constants.npz holds (standardisation statistics and the config.maci
+# settings may be absent: older runs)
+CONSTANT_KEYS = ('cls_feats', 'prior', 'bias_vocab')
+
+
+def read_constants(path) -> dict:
+  """The arrays of a run's constants.npz at `path` (local or gs://). A damaged file (truncated,
+  not an .npz, without the arrays of CONSTANT_KEYS) raises CheckpointError naming it and what
+  to do; a missing one FileNotFoundError."""
+  remedy = ('delete it: python launch/train.py with the run\'s --config and --workdir computes '
+            'it again from the train split (the checkpoints are kept)')
+  try:
+    c = ckpt_lib.read_npz(path)
+  except (ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+    detail = ' '.join(f'{type(e).__name__}: {e}'.split())[:120]
+    raise ckpt_lib.CheckpointError(f'{path} is damaged ({detail}); {remedy}') from e
+  missing = [k for k in CONSTANT_KEYS if k not in c]
+  if missing:
+    raise ckpt_lib.CheckpointError(f'{path} is damaged: it has no {", ".join(missing)}; '
+                                   f'{remedy}')
+  return c
 
 
 def feature_stats(config, train_split) -> dict:

@@ -39,9 +39,10 @@ def main(argv):
       from cider_jax import spec
       print(json.dumps(spec.parameter_counts(config)))
       return
-    from cider_jax import train
     workdir = _WORKDIR.value or os.path.join(
         'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS['config'])))[0])
+    configuration.check_workdir(workdir)  # before JAX loads: a file or unwritable place
+    from cider_jax import train
     train.train_and_evaluate(config, workdir)
   except (configuration.ConfigError, DataError) as e:
     print(f'error: {" ".join(str(e).split())}', file=sys.stderr)

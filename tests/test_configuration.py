@@ -232,7 +232,7 @@ def test_launcher_dry_run_with_impossible_heads():
 
 def test_uri_workdir_needs_its_filesystem(monkeypatch):
   import importlib.util
-  configuration.check_workdir('/tmp/run')  # local: nothing to check
+  configuration.check_workdir('/tmp/run')  # local: a folder that can be made
   with pytest.raises(configuration.ConfigError, match='unsupported scheme ftp://'):
     configuration.check_workdir('ftp://host/run')
   real = importlib.util.find_spec

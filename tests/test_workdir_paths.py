@@ -217,7 +217,7 @@ def test_evaluation_looks_into_the_gs_workdir(gcs, monkeypatch):
     def __init__(self, workdir):
       self.root = f'{workdir}/checkpoints'
 
-    def read_meta(self, which):
+    def read_meta(self, which, step=None, required=()):
       return None
 
   monkeypatch.setattr(eval_lib.ckpt_lib, 'Checkpoints', NoCheckpoints)

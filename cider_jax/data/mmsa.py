@@ -187,7 +187,8 @@ def require_file(path: str, what: str = 'MMSA data file') -> None:
 def read_pickle(path: str, what: str = 'MMSA data file') -> Any:
   """Unpickles `path` (plain pickle, or a joblib file such as the OOD repartitions) through
   `safe_pickle`: a file that asks for anything beyond numpy arrays, numbers, strings, lists
-  and dicts is refused before any of it runs."""
+  and dicts is refused before any of it runs, and one that declares an array its data cannot
+  fill (larger than the file, say) before that array is allocated."""
   require_file(path, what)
   try:
     return safe_pickle.load(path)
@@ -196,6 +197,11 @@ def read_pickle(path: str, what: str = 'MMSA data file') -> Any:
         f'{path}: refused to load: the file asks for {e.name}, which a data file may not use '
         '(allowed: numpy arrays, numbers, strings, lists, dicts); nothing from it was run'
     ) from None
+  except safe_pickle.BadArray as e:
+    raise DataError(
+        f'{path}: refused to load: it declares {" ".join(str(e).split())[:300]}; nothing was '
+        'allocated for it. The file is damaged or was not written as a data file: replace it '
+        'with the original') from None
   except Exception as e:  # pylint: disable=broad-except
     detail = ' '.join(f'{type(e).__name__}: {e}'.split())[:200]
     raise DataError(f'{path}: not a readable pickle or joblib file ({detail})') from None

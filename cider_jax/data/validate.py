@@ -41,16 +41,25 @@ def _first_bad(bad: np.ndarray) -> int:
   return int(np.argmax(per_example))
 
 
+_is_text = np.frompyfunc(lambda v: isinstance(v, (str, bytes)), 1, 1)
+
+
 def _numeric(split, field, value, rank, what):
   try:
     arr = np.asarray(value)
   except Exception as e:  # pylint: disable=broad-except
     _fail(split, field, f'cannot be read as an array ({type(e).__name__})', what)
   if arr.dtype == object:
+    text = np.asarray(_is_text(arr), dtype=bool)
+    if text.any():  # numbers written as text ('12') are not taken for numbers
+      index = _first_bad(text) if arr.ndim else None
+      _fail(split, field, f'holds text ({arr[text].flat[0]!r:.40}), not numbers', what, index)
     try:
       arr = arr.astype(np.float64)
     except (TypeError, ValueError):
       _fail(split, field, 'holds non-numeric values', what)
+  if arr.dtype.kind in 'US':
+    _fail(split, field, f'holds text (dtype {arr.dtype}), not numbers', what)
   if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
     _fail(split, field, f'has dtype {arr.dtype}', what)
   if arr.ndim != rank:
@@ -83,12 +92,23 @@ def _features(split, field, value):
 
 
 def _strings(split, field, value, n, default_fmt):
+  """(N,) object array of str: one entry per example (an (N, 1) array is taken as (N,))."""
   if value is None:
     return np.array([default_fmt.format(i) for i in range(n)], dtype=object)
-  arr = np.asarray(value, dtype=object).reshape(-1)
+  expected = f'one entry per example ({n}, as text_bert)'
+  try:
+    arr = np.asarray(value, dtype=object)
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(split, field, f'cannot be read as an array ({type(e).__name__})', expected)
+  if arr.ndim == 0:
+    _fail(split, field, f'is a single {type(value).__name__}, not a list', expected)
   if arr.shape[0] != n:
     _fail(split, field, f'has {arr.shape[0]} entries but text_bert has {n} examples',
           f'{n} entries')
+  if arr.ndim > 1:
+    if arr[0].size != 1:
+      _fail(split, field, f'has shape {arr.shape}', expected)
+    arr = arr.reshape(n)
   return np.array([v.decode() if isinstance(v, bytes) else str(v) for v in arr], dtype=object)
 
 

@@ -27,9 +27,10 @@ def small_config(tmp, modes=('RMFM', 'RMM'), rates=(0.0, 0.5, 1.0), eval_batch_s
   return c
 
 
-def random_best_run(config, workdir, bias_vocab=None):
+def random_best_run(config, workdir, bias_vocab=None, evaluate=True):
   """(splits, report). bias_vocab(splits) -> the constants' bias-vocabulary entries (default:
-  the train split's bias vocabulary under config.maci)."""
+  the train split's bias vocabulary under config.maci). evaluate=False: no evaluation (report
+  None), only constants.npz and the best checkpoint."""
   os.makedirs(workdir)
   splits = pipeline.load_splits(config, workdir)
   spec = spec_lib.spec_from_split(splits['train'], config)
@@ -45,4 +46,4 @@ def random_best_run(config, workdir, bias_vocab=None):
   meta = {'epoch': 1, 'best': 0.5, 'best_epoch': 1, 'config': ckpt_lib.config_to_dict(config),
           'spec': ckpt_lib.spec_to_json(spec)}
   ckpt_lib.Checkpoints(workdir).save('best', 1, state, meta)
-  return splits, eval_lib.evaluate(config, workdir)
+  return splits, eval_lib.evaluate(config, workdir) if evaluate else None
