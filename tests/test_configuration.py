@@ -103,8 +103,12 @@ def test_batch_not_a_multiple_of_the_devices(monkeypatch):
 
 
 def test_aligned_data_allows_tmfm_and_stmfm():
-  config = _config(**{'eval.modes': ('TMFM', 'STMFM', 'RMFM'), 'data.aligned': True})
-  configuration.validate(config, check_paths=False)
+  modes = {'eval.modes': ('TMFM', 'STMFM', 'RMFM')}
+  configuration.validate(_config(**modes, **{'data.aligned': True}), check_paths=False)
+  # the same modes on unaligned data: the first word-aligned mode is refused
+  with pytest.raises(ConfigError) as info:
+    configuration.validate(_config(**modes, **{'data.aligned': False}), check_paths=False)
+  assert info.value.field == 'eval.modes[0]'
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -113,6 +117,36 @@ def test_every_shipped_config_is_valid(name):
   needs_user_files = (config.data.source == 'mmsa' or
                       not config.model.text_encoder.path.startswith('package:'))
   configuration.validate(config, check_paths=not needs_user_files)
+  # each config is the setting its docstring and the README name
+  source, dataset, task, aligned, setting = SHIPPED[name]
+  assert (config.data.source, config.data.dataset, config.task, config.data.aligned,
+          config.data.setting) == (source, dataset, task, aligned, setting)
+  assert config.model.cross_dataset == (setting == 'cross_dataset')
+  if name != 'quickstart':  # the published hyper-parameters (docs/model.md §4)
+    m, t = config.model, config.train
+    assert (m.layers, m.num_heads, m.attn_dropout, m.out_dropout, m.embed_dropout,
+            m.relu_dropout, m.res_dropout) == (3, 8, 0.0, 0.3, 0.2, 0.1, 0.1)
+    assert (config.loss.w_rep, config.loss.w_attn, config.loss.w_rec) == (0.5, 0.1, 0.6)
+    assert (t.batch_size, t.num_epochs, t.patience) == (128, 200, 10)
+
+
+# config: (data.source, data.dataset, task, data.aligned, data.setting)
+SHIPPED = {
+    'default': ('mmsa', 'mosi', 'binary', False, 'iid'),
+    'rmfm': ('mmsa', 'mosi', 'binary', False, 'iid'),
+    'rmfm_seven': ('mmsa', 'mosi', 'seven', False, 'iid'),
+    'mosi_aligned': ('mmsa', 'mosi', 'binary', True, 'iid'),
+    'mosei': ('mmsa', 'mosei', 'binary', False, 'iid'),
+    'mosei_seven': ('mmsa', 'mosei', 'seven', False, 'iid'),
+    'cross_dataset': ('mmsa', 'mosi', 'binary', True, 'cross_dataset'),
+    'ood': ('mmsa', 'mosi', 'binary', False, 'ood'),
+    'ood_seven': ('mmsa', 'mosi', 'seven', False, 'ood'),
+    'quickstart': ('synthetic', 'mosi', 'binary', False, 'iid'),
+}
+
+
+def test_every_shipped_config_is_listed():
+  assert sorted(SHIPPED) == CONFIGS
 
 
 # ---------------------------------------------------------------------------- paths
@@ -164,7 +198,13 @@ def _with_data(tmp_path, **overrides):
 
 
 def test_present_files_pass(tmp_path):
-  configuration.validate(_with_data(tmp_path))
+  config = _with_data(tmp_path)
+  configuration.validate(config)
+  # the same configuration once the pickle is gone: refused, naming data.dir
+  os.remove(tmp_path / 'data' / 'CMU-MOSI' / 'Processed' / 'unaligned_50.pkl')
+  with pytest.raises(ConfigError) as info:
+    configuration.validate(config)
+  assert info.value.field == 'data.dir'
 
 
 def test_text_encoder_folder_missing(tmp_path):
