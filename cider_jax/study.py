@@ -66,7 +66,7 @@ def _storage(url: Optional[str], workdir, sweep_cfg):
       break
   if storage is None:
     first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    hint = (f'; install the database driver of {url.split(":", 1)[0]} (e.g. psycopg2-binary '
+    hint = (f'; install the database driver of {url.split(":", 1)[0]} (e.g. psycopg[binary] '
             'for postgresql, PyMySQL for mysql+pymysql)' if isinstance(error, ImportError)
             else '')
     raise SweepError(f'--storage {shown}: cannot open the study storage '
