@@ -162,7 +162,10 @@ def test_every_example_once_with_its_fields(aligned):
 
 @pytest.mark.parametrize('aligned', [True, False])
 def test_validator_accepts_the_output_written_by_the_cli(tmp_path, aligned, capsys):
-  src = _write(tmp_path / 'in.pkl', make_mmsa((30, 10, 14), aligned=aligned))
+  source = make_mmsa((30, 10, 14), aligned=aligned)
+  for s in source:   # ids unique over the pool
+    source[s]['id'] = np.array([f'{s}{k}$_$1' for k in range(len(source[s]['id']))], object)
+  src = _write(tmp_path / 'in.pkl', source)
   out = str(tmp_path / 'out' / 'ood.pkl')
   assert ood_split.main([src, out, '--task', 'seven', '--seed', '1']) == 0
   splits = mmsa.load_mmsa(out, aligned=aligned)
@@ -173,6 +176,19 @@ def test_validator_accepts_the_output_written_by_the_cli(tmp_path, aligned, caps
   assert report['sizes'] == {'train': 30, 'valid': 10, 'test': 14}
   assert set(report['probe']) == {'this_split', 'random_split', 'test_drop'}
   assert 'text probe accuracy' in capsys.readouterr().out
+  # the validator read exactly the written examples: every id of the input once, with its
+  # own features and label
+  by_id = {i: (s, k) for s in source for k, i in enumerate(source[s]['id'])}
+  seen = []
+  for name in mmsa.SPLITS:
+    with open(out, 'rb') as f:
+      written = pickle.load(f)[name]
+    for k, i in enumerate(written['id']):
+      s, j = by_id[i]
+      np.testing.assert_array_equal(written['audio'][k], source[s]['audio'][j])
+      assert written['classification_labels'][k] == source[s]['classification_labels'][j]
+      seen.append(i)
+  assert sorted(seen) == sorted(by_id)
 
 
 def test_fields_not_per_example_are_dropped_and_listed():
@@ -217,6 +233,30 @@ def test_label_distributions_follow_the_pool_unless_label_shift():
   shifted, _ = ood_split.repartition(data, 'binary', strength=5.0, label_shift=True,
                                      run_probe=False)
   assert [len(shifted[s]['id']) for s in shifted] == [60, 20, 40]
+
+
+def test_label_shift_ranks_the_whole_pool():
+  """By hand: 10 examples a class, bias scores higher for class 2 than 1 than 0, strength so
+  large that the noise only orders examples within a class. With label_shift the 18 most
+  bias-consistent (all of class 2, 8 of class 1) fill train and valid, the test gets the other
+  2 of class 1 and all of class 0; without it every split keeps the pool's distribution."""
+  labels = np.repeat([0, 1, 2], 10)
+  scores = labels.astype(float) + np.tile(np.linspace(0, 0.5, 10), 3)
+  sizes = {'train': 12, 'valid': 6, 'test': 12}
+  counts = lambda codes, split: np.bincount(labels[codes == split], minlength=3).tolist()
+  codes = ood_split.assign(scores, labels, sizes, 3, strength=1e6,
+                           rng=np.random.default_rng(0), label_shift=True)
+  assert counts(codes, 2) == [10, 2, 0]
+  assert (np.add(counts(codes, 0), counts(codes, 1)) == [0, 8, 10]).all()
+  assert [int((codes == k).sum()) for k in range(3)] == [12, 6, 12]
+  codes = ood_split.assign(scores, labels, sizes, 3, strength=1e6,
+                           rng=np.random.default_rng(0), label_shift=False)
+  assert counts(codes, 0) == [4, 4, 4] and counts(codes, 1) == [2, 2, 2]
+  assert counts(codes, 2) == [4, 4, 4]
+  # within each class the most bias-consistent go to train or valid, the least to test
+  for c in range(3):
+    member = labels == c
+    assert scores[member & (codes == 2)].max() < scores[member & (codes != 2)].min()
 
 
 def test_valid_like_test_is_drawn_from_the_conflicting_end():
