@@ -296,7 +296,7 @@ def write_outputs(out_dir, report, rows, preds):
     return
   out_dir = epath.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / 'report.json').write_text(json.dumps(_json_safe(report), indent=1))
+  ckpt_lib.write_text(out_dir / 'report.json', json.dumps(_json_safe(report), indent=1))
   keys = list(rows[0].keys())
   for r in rows:
     keys += [k for k in r if k not in keys]
@@ -304,7 +304,7 @@ def write_outputs(out_dir, report, rows, preds):
   w = csv.DictWriter(table, fieldnames=keys)
   w.writeheader()
   w.writerows(rows)
-  (out_dir / 'report.csv').write_bytes(table.getvalue().encode())
+  ckpt_lib.write_text(out_dir / 'report.csv', table.getvalue())
   arrays = {}
   for (split, group, mode, label), p in preds.items():
     name = f'{split}/{mode}/{float(label):.1f}' if group == 'modes' else f'{split}/SMM_{label}'

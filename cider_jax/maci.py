@@ -56,7 +56,10 @@ def enabled(model) -> bool:
 
 
 def debias(logp, logp_cf, tau: float):
-  """y − τ·y_cf on the log-probabilities, (B, C)."""
+  """y − τ·y_cf on the log-probabilities, (B, C); τ a finite number >= 0 (ValueError)."""
+  tau = float(tau)
+  if not (np.isfinite(tau) and tau >= 0):
+    raise ValueError(f'tau {tau!r}: τ must be a finite number >= 0 (0 = the factual prediction)')
   return np.asarray(logp, np.float64) - tau * np.asarray(logp_cf, np.float64)
 
 

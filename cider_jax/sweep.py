@@ -275,7 +275,7 @@ def finish(study, config, params, workdir, shown: str = '',
     print(f'{running} trial(s) still running (in other workers, or left by a dead worker '
           'until sweep.grace_s passes): the last worker to finish evaluates the best trial; '
           'or run the command again later', flush=True)
-  (epath.Path(workdir) / 'best.json').write_text(json.dumps(out, indent=1))
+  ckpt_lib.write_text(epath.Path(workdir) / 'best.json', json.dumps(out, indent=1))
   print(f'best: trial {best.number}, validation {best.value:.4f}: '
         + ' '.join(out['flags']), flush=True)
   print(f'wrote {workdir}/best.json, trials.csv and plots', flush=True)
@@ -297,7 +297,7 @@ def _write_trials_csv(study, params, workdir) -> None:
                 len(t.intermediate_values), duration, t.user_attrs.get('worker', ''),
                 history[-1]] + [search_space.values_of(params, t.params).get(k, '')
                                 for k in names])
-  (epath.Path(workdir) / 'trials.csv').write_text(table.getvalue())
+  ckpt_lib.write_text(epath.Path(workdir) / 'trials.csv', table.getvalue())
 
 
 def _plots(study, workdir) -> None:

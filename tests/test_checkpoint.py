@@ -107,3 +107,22 @@ def test_params_only_restore_matches_the_full_restore(tmp_path, state):
                                                            fields=('step', 'params'))
   skipped = jax.tree.leaves((partial.opt_state, partial.rng, partial.consts))
   assert skipped and all(x is ocp.PLACEHOLDER for x in skipped)
+
+
+def test_write_bytes_replaces_a_file_whole_or_not_at_all(tmp_path, monkeypatch):
+  """A file written by checkpoint.write_text is the new text once the call returns; a write
+  that fails (here the rename, as a full disk or a kill before it would) leaves the previous
+  file as it was and no temporary file."""
+  path = tmp_path / 'report.json'
+  ckpt_lib.write_text(path, 'old')
+  assert path.read_text() == 'old'
+  ckpt_lib.write_text(path, 'new ✓')
+  assert path.read_text(encoding='utf-8') == 'new ✓'
+
+  def failing_replace(src, dst):
+    raise OSError(28, 'No space left on device')
+  monkeypatch.setattr(ckpt_lib.os, 'replace', failing_replace)
+  with pytest.raises(OSError, match='No space left'):
+    ckpt_lib.write_text(path, 'newer')
+  assert path.read_text(encoding='utf-8') == 'new ✓'
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['report.json']

@@ -131,6 +131,9 @@ def test_tau_is_chosen_on_validation():
   disagree = np.mean(np.argmax(bias, -1) != y)
   np.testing.assert_allclose(per_tau, [1 - disagree, 1, 1, 1, disagree])
   np.testing.assert_allclose(maci.debias(logp, logp_cf, 1.0), truth)
+  for bad in (float('nan'), float('inf'), -0.5):
+    with pytest.raises(ValueError, match='finite number >= 0'):
+      maci.debias(logp, logp_cf, bad)
 
 
 def test_prototypes_and_prior_come_from_the_train_split_only(tmp_path):
