@@ -33,9 +33,8 @@ def test_bench_counts_the_native_kernels_work(part):
   assert 'model.kernels=xla' in native['flops_source']
 
 
-@pytest.mark.parametrize('part', [
-    'step',  # in the default set: the whole step, and its count through the model's XLA form
-    pytest.param('text_encoder', marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('part', ['step', 'text_encoder'])
 def test_bench_tiny_json_line(part):
   out = _bench(part, '--config.model.kernels=native')
   assert out['kernels'] == 'native'

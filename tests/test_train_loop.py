@@ -23,8 +23,9 @@ def _tiny_run(tmp_path, monkeypatch, **train_fields):
 
 
 @pytest.mark.parametrize('patience,min_epochs,stopped_after', [
-    (2, 0, 3),   # epoch 1 is the best; epochs 2 and 3 bring nothing: patience 2 runs out
-    (2, 5, 5),   # the same, but not before epoch 5
+    # epoch 1 is the best; epochs 2 and 3 bring nothing: patience 2 runs out
+    pytest.param(2, 0, 3, marks=pytest.mark.slow),
+    (2, 5, 5),   # the same, but not before epoch 5 (the default set's whole in-process run)
 ])
 def test_a_run_that_never_improves_stops_where_configured_and_says_why(
     tmp_path, monkeypatch, capsys, patience, min_epochs, stopped_after):
@@ -46,6 +47,7 @@ def test_a_run_that_never_improves_stops_where_configured_and_says_why(
   assert expected in out.splitlines()
 
 
+@pytest.mark.slow
 def test_a_run_that_trains_all_its_epochs_records_no_stop(tmp_path, monkeypatch):
   records = _tiny_run(tmp_path, monkeypatch, num_epochs=2, patience=1, min_epochs=0)
   # patience 1 would end it after epoch 2, which is its last epoch anyway: no early stop
@@ -53,6 +55,7 @@ def test_a_run_that_trains_all_its_epochs_records_no_stop(tmp_path, monkeypatch)
   assert not [r for r in records if 'early_stop' in r]
 
 
+@pytest.mark.slow
 def test_max_steps_stop_names_the_setting(tmp_path, monkeypatch, capsys):
   records = _tiny_run(tmp_path, monkeypatch, num_epochs=8, patience=10, max_steps=4)
   (stop,) = [r for r in records if 'early_stop' in r]
