@@ -214,9 +214,14 @@ class Predictor:
       ids = enc['input_ids'][:n].astype(np.int32)
       mask = enc['attention_mask'][:n].astype(np.float32)
       seg = enc['token_type_ids'][:n].astype(np.int32)
-      whole = (self.tokenizer(safe[:n], truncation=False, verbose=False)['input_ids']
-               if n else [])
-      truncated = np.array([len(t) > L for t in whole], bool)
+      # only a text that fills all L positions may have been cut: those are tokenised again
+      # uncut to tell (the others are not tokenised twice)
+      full = np.flatnonzero(mask.sum(axis=1) >= L)
+      truncated = np.zeros(n, bool)
+      if full.size:
+        whole = self.tokenizer([safe[i] for i in full], truncation=False,
+                               verbose=False)['input_ids']
+        truncated[full] = [len(t) > L for t in whole]
     else:
       ids, mask, seg, bad = token_rows(text_bert, L, self.vocab_size)
       n = len(ids)
