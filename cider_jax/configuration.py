@@ -159,6 +159,11 @@ def _check_training(config, check_devices):
   _positive(config, 'optim.eps', strict=True, what='an Adam epsilon',
             note=' (0 divides by zero where a gradient is 0)')
   _positive(config, 'optim.grad_clip', strict=False, what='a clipping norm', note=' (0: off)')
+  _one_of(config, 'optim.schedule', ('constant', 'linear_tail'))
+  _fraction(config, 'optim.decay_start', hi_open=True, what='a fraction of the run')
+  factor = _get(config, 'optim.final_factor')
+  if factor is not _MISSING and not _in_range(factor, 0, 1, hi_open=False) or factor == 0:
+    _fail('optim.final_factor', factor, 'a factor in (0, 1]')
   batch = _integer(config, 'train.batch_size', 1)
   if check_devices and _is_int(batch):
     import jax  # pylint: disable=g-import-not-at-top

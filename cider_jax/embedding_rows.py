@@ -68,28 +68,29 @@ def union(parts, vocab: int):
   return ids, tuple(out)
 
 
-def adam_step(cfg, p, m, v, g, count):
+def adam_step(cfg, p, m, v, g, count, scale=1.0):
   """One update of the table group's optax transform on rows p with moments m, v after
-  `count` updates: (p + update, m, v, count + 1)."""
+  `count` updates, its learning rate times `scale`: (p + scale · update, m, v, count + 1)."""
   tx = optim.group_transforms(cfg)[GROUP]
   chain = tx.init(p)
   i, _ = optim.adam_state(chain)
   inner = list(chain)
   inner[i] = optax.ScaleByAdamState(count=count, mu=m, nu=v)
   updates, new = tx.update(g, tuple(inner), p)
-  return p + updates, new[i].mu, new[i].nu, new[i].count
+  return p + scale * updates, new[i].mu, new[i].nu, new[i].count
 
 
 def table_zero_updates(table, mu, nu, ids, count, steps: int, *, cfg, group: str = GROUP,
-                       lead: bool = False):
-  """The table's `steps` updates with zero gradients, and the rows `ids` (clipped into the
-  table) of the table and its moments before them: (table, mu, nu, rows, mu rows, nu rows).
-  lead: unused here (the in-place form, kernels/adam.py, has the same signature)."""
+                       lead: bool = False, scale=1.0):
+  """The table's `steps` updates with zero gradients (learning rate times `scale`), and the
+  rows `ids` (clipped into the table) of the table and its moments before them: (table, mu,
+  nu, rows, mu rows, nu rows). lead: unused here (the in-place form, kernels/adam.py, has the
+  same signature)."""
   del group, lead
   rows = tuple(jnp.take(t, ids, axis=0, mode='clip') for t in (table, mu, nu))
   zero = jnp.zeros_like(table)
   for _ in range(steps):
-    table, mu, nu, count = adam_step(cfg, table, mu, nu, zero, count)
+    table, mu, nu, count = adam_step(cfg, table, mu, nu, zero, count, scale)
   return (table, mu, nu) + rows
 
 
@@ -106,11 +107,14 @@ class Rows:
   m: jax.Array
   v: jax.Array
   count: jax.Array
+  scale: Any             # the learning-rate schedule's factor at this step
 
   @classmethod
-  def begin(cls, params, opt_state, ids, cfg, axis_name, zero_updates, steps=2, lead=False):
+  def begin(cls, params, opt_state, ids, cfg, axis_name, zero_updates, steps=2, lead=False,
+            scale=1.0):
     """ids: per pass (B, L) token ids. zero_updates: `table_zero_updates` or its in-place
-    form. Returns (rows, params and opt_state with the table replaced by a stand-in)."""
+    form; scale: the schedule's factor of the learning rate (optim.lr_factor). Returns (rows,
+    params and opt_state with the table replaced by a stand-in)."""
     table = get(params)
     adam = optim.group_adam_state(opt_state, GROUP)
     B, L = ids[0].shape
@@ -121,10 +125,10 @@ class Rows:
     distinct, inverse = union(flat, table.shape[0])
     local = tuple(inv.reshape(-1, B * L)[device] for inv in inverse)
     *updated, p, m, v = zero_updates(table, get(adam.mu), get(adam.nu), distinct, adam.count,
-                                     steps, cfg=cfg, group=GROUP, lead=lead)
+                                     steps, cfg=cfg, group=GROUP, lead=lead, scale=scale)
     ph = placeholder(table)
     rows = cls(cfg, distinct, local, (B, L, table.shape[1]), tuple(updated), p, m, v,
-               adam.count)
+               adam.count, scale)
     return rows, replace(params, ph), _with_moments(opt_state, ph, ph)
 
   def word_rows(self, slots, part: int):
@@ -137,7 +141,8 @@ class Rows:
 
   def update(self, grads):
     """One update of the rows for their (clipped) gradients."""
-    p, m, v, count = adam_step(self.cfg, self.p, self.m, self.v, grads, self.count)
+    p, m, v, count = adam_step(self.cfg, self.p, self.m, self.v, grads, self.count,
+                               self.scale)
     return dataclasses.replace(self, p=p, m=m, v=v, count=count)
 
   def finish(self, params, opt_state):

@@ -42,6 +42,29 @@ def adam_groups(cfg):
           'student_only': (cfg.lr, 0.0)}
 
 
+SCHEDULES = ('constant', 'linear_tail')
+
+
+def lr_factor(cfg, total_steps: int):
+  """The learning-rate schedule of config.optim: step → the factor (float32) every group's
+  rate is multiplied by at that step. 'constant': 1 throughout (the original). 'linear_tail':
+  1 until `decay_start` (a fraction of the run's `total_steps`), then down in a straight line
+  to `final_factor` at the last step: the late epochs take smaller steps, so the checkpoints
+  between which validation chooses move less from epoch to epoch (docs/quickstart.md)."""
+  name = cfg.get('schedule', 'constant')
+  if name not in SCHEDULES:
+    raise ValueError(f'optim.schedule must be one of {SCHEDULES}, got {name!r}')
+  if name == 'constant':
+    return lambda step: jnp.ones((), jnp.float32)
+  start = int(round(cfg.decay_start * total_steps))
+  length = max(1, total_steps - 1 - start)
+  final = cfg.final_factor
+  def factor(step):
+    done = jnp.clip((step - start) / length, 0.0, 1.0)
+    return (1.0 - done * (1.0 - final)).astype(jnp.float32)
+  return factor
+
+
 def group_transforms(cfg):
   """{group label: its optax transform}; cfg: config.optim."""
   def adam(lr, wd):
@@ -93,16 +116,18 @@ def group_adam_state(opt_state, group: str):
 
 
 def apply_update(tx, labels, params, grads, opt_state, *, cfg=None, skip=(), lead=False,
-                 after=()):
-  """(params + tx's update, new opt_state) for make_optimizer's transform `tx`; the groups
-  in `skip` keep their parameters and state (keep_group).
+                 after=(), scale=1.0):
+  """(params + scale · tx's update, new opt_state) for make_optimizer's transform `tx`; the
+  groups in `skip` keep their parameters and state (keep_group). scale: the schedule's factor
+  of the learning rates at this step (`lr_factor`; the update is −lr·Adam(g), so scaling it
+  scales lr).
 
   cfg, lead, after: used by the in-place form with the same signature (kernels/adam.py),
   which models/ops.py can put in its place; ignored here.
   """
   del cfg, lead, after
   updates, new_state = tx.update(grads, opt_state, params)
-  new_params = jax.tree.map(lambda p, u: p + u, params, updates)
+  new_params = jax.tree.map(lambda p, u: p + scale * u, params, updates)
   for group in skip:
     new_params, new_state = keep_group(group, labels, params, new_params, opt_state, new_state)
   return new_params, new_state

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cider_jax import checkpoint as ckpt_lib
 from cider_jax import configuration
-from cider_jax import eval_step, evaluate, masks, metrics, parallel, run_state
+from cider_jax import eval_step, evaluate, masks, metrics, optim, parallel, run_state
 from cider_jax import spec as spec_lib
 from cider_jax.data import pipeline
 from cider_jax.models import bert
@@ -241,6 +241,9 @@ def _start(config, workdir) -> Tuple[_Run, Any]:
   if steps_per_epoch == 0:
     raise TrainingError(f'the train split has {len(splits["train"].label3)} examples, fewer '
                         f'than one batch of {local_batch}; lower train.batch_size')
+  total_steps = steps_per_epoch * config.train.num_epochs
+  if config.train.max_steps:
+    total_steps = min(total_steps, config.train.max_steps)
   it = pipeline.train_iterator(splits['train'], local_batch, seed=config.train.seed,
                                task=config.task, shard=parallel.process_shard_options())
   if meta['iterator'] is not None:
@@ -252,7 +255,8 @@ def _start(config, workdir) -> Tuple[_Run, Any]:
   run = _Run(config=config, splits=splits, ckpts=ckpts, meta=meta, save_meta=save_meta,
              iterator=it, steps_per_epoch=steps_per_epoch,
              p_step=make_train_step(model, tx, labels, config, axis_name='batch',
-                                    special=special),
+                                    special=special,
+                                    lr_factor=optim.lr_factor(config.optim, total_steps)),
              p_eval=eval_step.make_eval_step(model, axis_name='batch', special=special),
              r_eval_consts=parallel.replicate(e_consts),
              log=MetricsLog(epath.Path(workdir) / 'metrics.jsonl'))

@@ -107,12 +107,13 @@ def accuracy(logp, y, valid, global_sum):
 
 def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, config,
                axis_name: Optional[str] = 'batch', return_grads: bool = False,
-               special: tokens.SpecialTokens = tokens.BERT):
+               special: tokens.SpecialTokens = tokens.BERT, lr_factor=None):
   """One MSSD iteration on a (per-device) batch.
 
   batch: flat dict of INPUT_KEYS + label (B,) + valid (B,) (+ index). keeps: optional
   (text_keep (B, L), audio_keep (B, La), vision_keep (B, Lv)); sampled when None.
   special: the text encoder's special tokens ([UNK] for dropped, [MASK] for non-bias words).
+  lr_factor: step → factor of the learning rates (optim.lr_factor); None: constant.
   Returns (new state, metrics) — metrics are global (summed over `axis_name`).
   """
   global_sum = functools.partial(_global, axis_name=axis_name)
@@ -129,7 +130,8 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
         x_m['text_ids'], state.consts['bias_table'], special)))
   it = updates.Iteration.begin(state.params, state.opt_state, [x['text_ids'] for x in passes],
                                tx=tx, labels=labels, config=config, ops=model.ops,
-                               axis_name=axis_name, lead=axis_name is not None)
+                               axis_name=axis_name, lead=axis_name is not None,
+                               scale=_scale(lr_factor, state.step))
 
   def apply(theta, part, rng, reconstruct=False):
     params, x = it.view(theta, passes[part], part)
@@ -175,6 +177,10 @@ def train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, confi
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def _scale(lr_factor, step):
+  return 1.0 if lr_factor is None else lr_factor(step)
+
+
 def sampled_keeps(state, inputs, device):
   """RMFM keep-masks (text, audio, vision) of a per-device batch, from per-example keys
   fold_in(fold_in(rng, step), global example index)."""
@@ -191,7 +197,7 @@ def dropout_keys(state, device):
 
 def base_train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, config,
                     axis_name: Optional[str] = 'batch', return_grads: bool = False,
-                    special: tokens.SpecialTokens = tokens.BERT):
+                    special: tokens.SpecialTokens = tokens.BERT, lr_factor=None):
   """One iteration of a base model other than CIDer (MSSD is CIDer's own): one Adam update on
   the RMFM-masked input, loss = task NLL through the head + the base's own `aux_loss` (if it
   returns one). Arguments and metrics as `train_step`."""
@@ -207,7 +213,8 @@ def base_train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, 
     passes.append(maci.counterfactual_inputs(passes[0], state.consts['bias_table'], special))
   it = updates.Iteration.begin(state.params, state.opt_state, [x['text_ids'] for x in passes],
                                tx=tx, labels=labels, config=config, ops=model.ops,
-                               axis_name=axis_name, lead=axis_name is not None, updates=1)
+                               axis_name=axis_name, lead=axis_name is not None, updates=1,
+                               scale=_scale(lr_factor, state.step))
 
   def apply(theta, part, rng):
     params, x = it.view(theta, passes[part], part)
@@ -241,12 +248,15 @@ def base_train_step(state: TrainState, batch, keeps=None, *, model, tx, labels, 
 
 
 def make_train_step(model, tx, labels, config, axis_name: Optional[str] = 'batch',
-                    return_grads: bool = False, special: tokens.SpecialTokens = tokens.BERT):
+                    return_grads: bool = False, special: tokens.SpecialTokens = tokens.BERT,
+                    lr_factor=None):
   """pmapped (axis_name set) or jitted (axis_name None) step; the state buffers are donated.
-  CIDer trains with MSSD (`train_step`), every other base model with `base_train_step`."""
+  CIDer trains with MSSD (`train_step`), every other base model with `base_train_step`.
+  lr_factor: the learning-rate schedule (optim.lr_factor of the run's length); None: constant."""
   step = train_step if config.model.get('name', 'cider') == 'cider' else base_train_step
   fn = functools.partial(step, model=model, tx=tx, labels=labels, config=config,
-                         axis_name=axis_name, return_grads=return_grads, special=special)
+                         axis_name=axis_name, return_grads=return_grads, special=special,
+                         lr_factor=lr_factor)
   if axis_name:
     return jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,))
   return jax.jit(fn, donate_argnums=(0,))

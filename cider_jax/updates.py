@@ -37,19 +37,21 @@ class Iteration:
   adam_update: Any              # optim.apply_update or a form with its signature
   lead: bool                    # under pmap (the in-place form takes (1, ...) parameters)
   rows: Optional[embedding_rows.Rows] = None
+  scale: Any = 1.0              # the learning-rate schedule's factor at this step
 
   @classmethod
   def begin(cls, params, opt_state, ids, *, tx, labels, config, ops, axis_name, lead,
-            updates: int = 2):
-    """ids: the (B, L) token ids of every pass the model makes in this step."""
+            updates: int = 2, scale=1.0):
+    """ids: the (B, L) token ids of every pass the model makes in this step; scale: the
+    learning-rate schedule's factor at this step (optim.lr_factor), for every update."""
     rows = None
     if row_wise(config.optim.get('embedding_rows', 'auto'), ops) and (
         embedding_rows.present(params)):
       rows, params, opt_state = embedding_rows.Rows.begin(
           params, opt_state, ids, config.optim, axis_name, ops.table_zero_updates, updates,
-          lead)
+          lead, scale)
     theta = {'params': params} if rows is None else {'params': params, 'rows': rows.p}
-    return cls(theta, opt_state, tx, labels, config.optim, ops.adam_update, lead, rows)
+    return cls(theta, opt_state, tx, labels, config.optim, ops.adam_update, lead, rows, scale)
 
   def view(self, theta, x, part: int):
     """(parameters, model inputs) of pass `part` (the index of its ids in `begin`)."""
@@ -70,7 +72,8 @@ class Iteration:
     grads, norm = optim.clip_by_global_norm(self._zero_padding(grads), self.cfg.grad_clip)
     params, opt_state = self.adam_update(
         self.tx, self.labels, self.theta['params'], grads['params'], self.opt_state,
-        cfg=self.cfg, skip=skip, lead=self.lead, after=(grads.get('rows'), after))
+        cfg=self.cfg, skip=skip, lead=self.lead, after=(grads.get('rows'), after),
+        scale=self.scale)
     rows = self.rows if self.rows is None else self.rows.update(grads['rows'])
     theta = dict(self.theta, params=params)
     if rows is not None:

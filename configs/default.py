@@ -77,6 +77,11 @@ def get_config() -> ml_collections.ConfigDict:
   optim.b2 = 0.999              # Adam beta2
   optim.eps = 1e-8              # Adam epsilon
   optim.grad_clip = 0.0         # global-norm gradient clipping per update (0: off, as the original)
+  optim.schedule = 'constant'   # learning rates over the run (optim.lr_factor): 'constant' (the
+  #                               original) or 'linear_tail' (constant, then a straight line
+  #                               from decay_start of the run's steps to final_factor × the rate)
+  optim.decay_start = 0.5       # 'linear_tail': fraction of the run's steps before the decay
+  optim.final_factor = 0.1      # 'linear_tail': the rates' factor at the last step (> 0)
   optim.embedding_rows = 'auto'  # the word-embedding table's updates row-wise (embedding_rows.py):
   #                               'auto' (on the CPU backend, where it was measured faster),
   #                               'on' or 'off'

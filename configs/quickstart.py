@@ -20,6 +20,9 @@ def get_config():
   config.train.patience = 4
   config.train.min_epochs = 12  # validation may sit near chance for 6 epochs before the text
   #                               model takes off (docs/quickstart.md): no early stop before
+  config.optim.schedule = 'linear_tail'  # rates down to 0.1× over the second half: the
+  config.optim.decay_start = 0.5          # late checkpoints, between which validation
+  config.optim.final_factor = 0.1         # chooses, move less (docs/quickstart.md)
   config.train.log_every = 10
   config.train.counterfactual_metrics = True
   config.train.eval_batch_size = 100

@@ -23,9 +23,15 @@ from cider_jax import optim
 from cider_jax.kernels.library import f32
 
 
-def bias_corrections(b1: float, b2: float, count):
-  """(1 − b1^count, 1 − b2^count) as optax's bias_correction forms them (count: int32)."""
-  return jnp.stack([1 - b1 ** count, 1 - b2 ** count]).astype(jnp.float32)
+def bias_corrections(b1: float, b2: float, count, scale=1.0):
+  """(1 − b1^count, 1 − b2^count) as optax's bias_correction forms them (count: int32).
+
+  scale: the learning-rate schedule's factor (optim.lr_factor, > 0). The kernel's step is
+  −lr · (m / c1) / (√(v / c2) + eps), so dividing c1 by it multiplies the step by it: the
+  scheduled rate reaches the kernel without a kernel operand of its own (exact up to one
+  float32 rounding of c1 / scale)."""
+  c1 = (1 - b1 ** count).astype(jnp.float32) / scale
+  return jnp.stack([c1, (1 - b2 ** count).astype(jnp.float32)]).astype(jnp.float32)
 
 
 def _check(p, mu, nu, grad, coef):
@@ -88,12 +94,14 @@ def gather_update(p, mu, nu, ids, coef, *, b1: float, b2: float, eps: float, lr:
                (rows,) * 3, lead, b1, b2, eps, lr, wd, after)
 
 
-def apply_update(tx, labels, params, grads, opt_state, *, cfg, skip=(), lead=False, after=()):
+def apply_update(tx, labels, params, grads, opt_state, *, cfg, skip=(), lead=False, after=(),
+                 scale=1.0):
   """optim.apply_update with each parameter's Adam step one `update` call in place.
 
   cfg: config.optim (the groups' learning rates, L2 and betas); lead: True under pmap;
   after: other arrays computed from `params` (row gradients, a monitoring pass) that the
-  in-place updates must follow. tx is not run: its group structure and state are.
+  in-place updates must follow; scale: the schedule's factor of the learning rates. tx is
+  not run: its group structure and state are.
   """
   del tx
   # every read of a parameter (forward, and the backward product dy·Wᵀ that feeds only other
@@ -108,7 +116,7 @@ def apply_update(tx, labels, params, grads, opt_state, *, cfg, skip=(), lead=Fal
 
     def step(adam, group=group, lr=lr, wd=wd):
       count = optax.safe_increment(adam.count)
-      coef = bias_corrections(cfg.b1, cfg.b2, count)[None]
+      coef = bias_corrections(cfg.b1, cfg.b2, count, scale)[None]
       mu, nu = traverse_util.flatten_dict(adam.mu), traverse_util.flatten_dict(adam.nu)
       for path, label in flat_labels.items():
         if label != group or flat_p[path].size == 0:   # (0, H): a row-wise table's stand-in
@@ -123,12 +131,13 @@ def apply_update(tx, labels, params, grads, opt_state, *, cfg, skip=(), lead=Fal
   return traverse_util.unflatten_dict(new_p), opt_state
 
 
-def table_zero_updates(table, mu, nu, ids, count, steps: int, *, cfg, group: str, lead=False):
+def table_zero_updates(table, mu, nu, ids, count, steps: int, *, cfg, group: str, lead=False,
+                       scale=1.0):
   """embedding_rows.table_zero_updates in one `gather_update` call in place."""
   lr, wd = optim.adam_groups(cfg)[group]
   coefs, c = [], count
   for _ in range(steps):
     c = optax.safe_increment(c)
-    coefs.append(bias_corrections(cfg.b1, cfg.b2, c)[None])
+    coefs.append(bias_corrections(cfg.b1, cfg.b2, c, scale)[None])
   return gather_update(table, mu, nu, ids, jnp.concatenate(coefs), b1=cfg.b1, b2=cfg.b2,
                        eps=cfg.eps, lr=lr, wd=wd, lead=lead)

@@ -17,9 +17,9 @@ Each field is a callable with the signature of its default:
 - gru_recurrence(gx, w_hh, b_hh): gru.recurrence
 - attention_kl(q_t, k_t, q_s, k_s) → per-query KL (..., T): losses.attention_kl_rows
 and, for the train step's optimizer updates (updates.py):
-- adam_update(tx, labels, params, grads, opt_state, *, cfg, skip, lead, after):
+- adam_update(tx, labels, params, grads, opt_state, *, cfg, skip, lead, after, scale):
   optim.apply_update
-- table_zero_updates(table, mu, nu, ids, count, steps, *, cfg, group, lead):
+- table_zero_updates(table, mu, nu, ids, count, steps, *, cfg, group, lead, scale):
   embedding_rows.table_zero_updates
 - row_wise_embeddings: whether the word-embedding table is updated row-wise by default
 """
