@@ -100,15 +100,42 @@ def test_checkpoint_of_another_configuration(run):
 
 
 def test_predict_new_samples(run):
+  """Features of any length are cut or zero-padded to the run's (La, Lv): a row longer than La
+  predicts as its first La frames, a shorter one as the La-frame array zero-padded after its
+  length; the debiased probabilities are softmax(logp − τ·logp_cf) at the report's τ and the
+  labels their argmax; an example alone predicts as in the batch (one example's numbers never
+  depend on the others)."""
   import cider_jax
   config, workdir, report = run
   rng = np.random.RandomState(1)
   audio = [rng.randn(7, 5), rng.randn(30, 5)]      # shorter and longer than the run's 20
   vision = [rng.randn(24, 20), rng.randn(3, 20)]
-  out = cider_jax.predict(workdir, ['what a wonderful film', 'it was dull'], audio, vision)
-  assert out['probs'].shape == (2, 3) and out['probs_debiased'].shape == (2, 3)
-  np.testing.assert_allclose(out['probs'].sum(1), 1.0, atol=1e-5)
+  texts = ['what a wonderful film', 'it was dull']
+  out = cider_jax.predict(workdir, texts, audio, vision)
   assert out['tau'] == report['tau']['value']
+  pred = cider_jax.Predictor(workdir)
+  _, La, Lv = pred.spec.seq_lens
+  assert (La, Lv) == (20, 24)
+  # the same two examples as (N, T, D) arrays cut / zero-padded by hand, with their lengths
+  pad = lambda x, T: np.concatenate([x[:T], np.zeros((max(0, T - len(x)), x.shape[1]))])
+  by_hand = pred(texts, np.stack([pad(a, La) for a in audio]),
+                 np.stack([pad(v, Lv) for v in vision]), audio_lengths=[7, La],
+                 vision_lengths=[Lv, 3])
+  for k in ('logp', 'logp_cf'):
+    np.testing.assert_allclose(out[k], by_hand[k], rtol=0, atol=1e-6)
+  # the cut-off frames do not matter: other values there give the same numbers
+  audio2 = [audio[0], np.concatenate([audio[1][:La], 100 + rng.randn(10, 5)])]
+  np.testing.assert_allclose(pred(texts, audio2, vision)['logp'], out['logp'], atol=1e-6)
+  # the debiased probabilities and labels by formula, in float64
+  d = out['logp'].astype(np.float64) - out['tau'] * out['logp_cf'].astype(np.float64)
+  want = np.exp(d - d.max(1, keepdims=True))
+  want /= want.sum(1, keepdims=True)
+  np.testing.assert_allclose(out['probs_debiased'], want, rtol=0, atol=1e-12)
+  np.testing.assert_array_equal(out['labels'], want.argmax(1))
+  np.testing.assert_allclose(out['probs'], np.exp(out['logp'].astype(np.float64)), atol=1e-12)
+  # one example alone: the batch's numbers
+  alone = pred(texts[1:], audio[1:], vision[1:])
+  np.testing.assert_allclose(alone['logp'], out['logp'][1:], rtol=0, atol=1e-6)
   with pytest.raises(ValueError, match='audio\\[0\\]'):
     cider_jax.predict(workdir, ['x'], [rng.randn(4, 6)], [rng.randn(4, 20)])
 

@@ -45,11 +45,18 @@ def _relu(x):
 
 
 def test_wrapper_keeps_the_base_parameters_and_outputs():
+  """The base's parameters sit at the top level beside 'mcm', and its outputs pass through
+  unchanged: joint_rep = tanh(W [mean embedding; mean audio; mean vision] + b) and pooled
+  recomputed by hand in float64 from those parameters."""
   model, params, x, feats, prior = _toy()
   assert set(params) == {'embed', 'fuse', 'mcm'}       # no extra 'base' level
   out = model.apply({'params': params}, x, feats, prior)
-  assert out['logp'].shape == (4, 3) and out['joint_rep'].shape == (4, 6)
-  assert out['pooled'].shape == (4, 8 + 5 + 20)        # the base's own outputs pass through
+  f64 = lambda a: np.asarray(a, np.float64)
+  emb = f64(params['embed']['embedding'])[np.asarray(x['text_ids'])].mean(1)
+  pooled = np.concatenate([emb, f64(x['audio']).mean(1), f64(x['vision']).mean(1)], -1)
+  np.testing.assert_allclose(out['pooled'], pooled, atol=1e-5)
+  np.testing.assert_allclose(out['joint_rep'], np.tanh(
+      pooled @ f64(params['fuse']['kernel']) + f64(params['fuse']['bias'])), atol=1e-5)
   np.testing.assert_allclose(np.exp(out['logp']).sum(-1), 1.0, atol=1e-5)
 
 
@@ -216,15 +223,33 @@ def test_mag_gate_by_hand():
 
 @pytest.mark.parametrize('aligned', [False, True])
 def test_mag_bert_forward(aligned):
+  """The text encoder runs on MAG(e, a_i, v_i) of its embedding-layer output e: with β = 0 the
+  gate adds nothing and the hidden states are the encoder's own (its embedding LayerNorm
+  output, freshly initialised, normalised again); on aligned data a_i, v_i are the word's
+  frames projected by proj_a / proj_v (by hand); the joint representation is the pooler
+  tanh(W h[:, 0] + b) (by hand); and audio reaches the words through the gate."""
   x = _base_inputs(aligned)
   base = MAGBert(tiny.TINY_BERT, aligned=aligned, embed_dim=16)
   v = base.init(jax.random.PRNGKey(0), x)
-  assert ('wsam_a' in v['params']) is (not aligned)
-  assert {'mag', 'text_encoder', 'pooler', 'proj_a', 'proj_v'} <= set(v['params'])
+  p = v['params']
+  assert ('wsam_a' in p) is (not aligned)
+  encoder = bert.BertEncoder(tiny.TINY_BERT)
+  enc_vars = {'params': p['text_encoder']}
+  args = (x['text_ids'], x['text_mask'], x['text_segments'], True)
+  out0 = MAGBert(tiny.TINY_BERT, aligned=aligned, embed_dim=16, beta=0.0).apply(v, x)
+  np.testing.assert_allclose(out0['text_hidden'], encoder.apply(enc_vars, *args), atol=2e-5)
   out = base.apply(v, x)
-  assert out['joint_rep'].shape == (4, 48) and out['text_hidden'].shape == (4, 12, 48)
-  assert np.all(np.isfinite(out['joint_rep']))
-  # audio reaches the words through the gate: the text encoder's output depends on it
+  h0 = np.asarray(out['text_hidden'], np.float64)[:, 0]
+  np.testing.assert_allclose(out['joint_rep'], np.tanh(
+      h0 @ p['pooler']['kernel'] + p['pooler']['bias']), atol=1e-5)
+  if aligned:
+    a = np.asarray(x['audio'], np.float64) @ p['proj_a']['kernel']
+    vis = np.asarray(x['vision'], np.float64) @ p['proj_v']['kernel']
+    mag = MAG(1.0, tiny.TINY_BERT.hidden_dropout_prob, tiny.TINY_BERT.layer_norm_eps)
+    shift = lambda e: mag.apply({'params': p['mag']}, e, jnp.asarray(a, jnp.float32),
+                                jnp.asarray(vis, jnp.float32), True)
+    np.testing.assert_allclose(out['text_hidden'],
+                               encoder.apply(enc_vars, *args, shift=shift), atol=1e-5)
   y = dict(x, audio=x['audio'] + x['audio_mask'][..., None])
   assert not np.allclose(base.apply(v, y)['text_hidden'], out['text_hidden'], atol=1e-4)
 

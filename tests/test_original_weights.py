@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from cider_jax import evaluate as eval_lib
+from cider_jax import metrics
 from cider_jax import spec as spec_lib
 from cider_jax.compat import export_original, load_original
 from cider_jax.compat.original import OriginalWeightsError
@@ -127,6 +128,24 @@ def test_evaluate_original_writes_the_full_report(exported):
     assert os.path.exists(os.path.join(workdir, 'eval', name)), name
   with open(os.path.join(workdir, 'eval', 'report.json')) as f:
     assert json.load(f)['modes']['RMFM']['rates'] == [0.0, 0.5, 1.0]
+  # the figures are those of the exported model: its complete-input test log-probabilities
+  # recomputed with the fixture's own Flax model and parameters (raw features, every class
+  # the mean train prototype, a uniform prior, one batch of all 16 examples), and the report's
+  # accuracy from them and the test labels of the pickle
+  _, _, model, params, splits, _ = exported
+  with np.load(os.path.join(workdir, 'constants.npz')) as z:
+    proto = np.asarray(z['cls_feats'], np.float32).mean(0)
+  test = splits['test']
+  n = len(test.label3)
+  feats = jnp.asarray(np.broadcast_to(proto, (3, n, proto.shape[0])))
+  prior = jnp.full((n, 3), 1 / 3, jnp.float32)
+  want = model.apply({'params': params}, _inputs(test, n), feats, prior)['logp']
+  with np.load(os.path.join(workdir, 'eval', 'predictions.npz')) as z:
+    got, labels = z['test/RMFM/0.0/factual'], z['test/RMFM/0.0/labels']
+  np.testing.assert_allclose(got, np.asarray(want), rtol=0, atol=1e-5)
+  np.testing.assert_array_equal(labels, test.labels(config.task))
+  acc = metrics.classification_metrics(got, labels, config.task)['Non0_acc_2']
+  assert report['modes']['RMFM']['factual']['Non0_acc_2'][0] == pytest.approx(acc)
 
 
 def test_weights_that_do_not_fit_the_data(exported):

@@ -239,20 +239,72 @@ def test_two_workers_share_one_study(tmp_path):
 
 # ------------------------------------------------------------------------------ real training
 
-@pytest.mark.slow
-def test_sweep_of_real_training_runs(tmp_path):
-  """Two tiny training trials, then a third; best.json against the database and the best
-  trial's own metrics.jsonl."""
+def _real_sweep(tmp_path, epochs=2):
+  """(workdir, command) of launch/sweep.py on the quickstart at a tiny size."""
   small = ['--config.data.synthetic.n_train=96', '--config.data.synthetic.n_valid=48',
            '--config.data.synthetic.n_test=48', '--config.data.synthetic.text_len=12',
            '--config.data.synthetic.audio_len=30', '--config.data.synthetic.vision_len=40',
            '--config.model.text_encoder.num_layers=1', '--config.train.batch_size=16',
-           '--config.train.num_epochs=2', '--config.eval.modes=("RMFM",)',
+           f'--config.train.num_epochs={epochs}', '--config.eval.modes=("RMFM",)',
            '--config.eval.rates=(0.0,0.5,1.0)', f'--config.data.cache_dir={tmp_path}/data',
            f'--config.train.compilation_cache={tmp_path}/xla']
   w = tmp_path / 'w'
-  cmd = [sys.executable, os.path.join(ROOT, 'launch', 'sweep.py'), '--config',
-         os.path.join(ROOT, 'configs', 'quickstart.py'), '--workdir', str(w)] + small
+  return w, [sys.executable, os.path.join(ROOT, 'launch', 'sweep.py'), '--config',
+             os.path.join(ROOT, 'configs', 'quickstart.py'), '--workdir', str(w)] + small
+
+
+@pytest.mark.slow
+def test_a_killed_real_trial_resumes_from_its_checkpoint(tmp_path):
+  """A worker killed (SIGKILL: no clean-up) after its trial's first epoch is checkpointed: the
+  next worker fails the trial once its heartbeat is older than sweep.grace_s, retries it with
+  the same parameters in the dead trial's folder, and the training resumes from that
+  checkpoint (not from step 0) and completes the remaining epochs."""
+  w, cmd = _real_sweep(tmp_path, epochs=3)
+  cmd += ['--trials', '1', '--config.sweep.heartbeat_s=1', '--config.sweep.grace_s=3']
+  p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True)
+  latest = w / 'trials' / '0000' / 'checkpoints' / 'latest'
+
+  def saved_epoch():  # orbax renames a checkpoint into place once it is complete
+    epochs = [0]
+    for meta in latest.glob('*/meta/metadata'):
+      try:
+        epochs.append(json.loads(meta.read_text())['epoch'])
+      except (OSError, ValueError, KeyError):
+        pass
+    return max(epochs)
+
+  deadline = time.time() + 900
+  while time.time() < deadline and p.poll() is None and saved_epoch() < 1:
+    time.sleep(0.1)
+  os.kill(p.pid, signal.SIGKILL)
+  out = p.communicate()[0]
+  killed_after = saved_epoch()
+  assert 1 <= killed_after < 3, out[-3000:]
+  time.sleep(4)  # past sweep.grace_s without a heartbeat
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+  assert r.returncode == 0, r.stderr[-3000:]
+  study = _study(w)
+  assert _states(study) == ['FAIL', 'COMPLETE']
+  assert study.trials[1].params == study.trials[0].params
+  assert study.trials[1].system_attrs['failed_trial'] == 0
+  assert not (w / 'trials' / '0000').exists()
+  tdir = w / 'trials' / '0001'
+  # 96 train examples at batch 16: 6 steps an epoch
+  resumed = (f'resumed from {tdir}/checkpoints/latest at step {6 * killed_after}, '
+             f'epoch {killed_after}')
+  assert resumed in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+  records = [json.loads(line) for line in open(tdir / 'metrics.jsonl')]
+  assert [rec['epoch'] for rec in records if 'valid' in rec][-1] == 3
+  assert study.trials[1].value == max(rec['score'] for rec in records if 'valid' in rec)
+  assert (tdir / 'eval' / 'report.json').exists()
+
+
+@pytest.mark.slow
+def test_sweep_of_real_training_runs(tmp_path):
+  """Two tiny training trials, then a third; best.json against the database and the best
+  trial's own metrics.jsonl."""
+  w, cmd = _real_sweep(tmp_path)
   for n in (2, 3):
     r = subprocess.run(cmd + ['--trials', str(n)], capture_output=True, text=True, cwd=ROOT,
                        timeout=1800)

@@ -171,9 +171,25 @@ def test_accumulated_teacher_gradient_changes_the_second_update():
 
 
 def test_counterfactual_metrics_in_the_step(one_step):
+  """logp_cf are log-probabilities of the masked input's counterfactual pass, and the
+  debiased accuracy is that of argmax(logp − train_tau · logp_cf): at τ 0 it is the factual
+  acc_m; at τ 1e6 the counterfactual alone decides, so it is the share of examples whose
+  least likely counterfactual class is the label (computed here from logp_cf)."""
   _, _, m = one_step
-  assert m['logp_cf'].shape == (4, 3)
-  assert 0.0 <= float(m['acc_m_debiased']) <= 1.0
+  logp_cf = np.asarray(m['logp_cf'], np.float64)
+  assert logp_cf.shape == (4, 3)
+  np.testing.assert_allclose(np.exp(logp_cf).sum(1), 1.0, atol=1e-5)
+  y = tiny.batch(4, 0)['label']
+  for tau in (0.0, 1e6):
+    c = tiny.config()
+    c.train.counterfactual_metrics = True
+    c.maci.train_tau = tau
+    _, _, mt = _one_step(c)
+    # the same step otherwise: same counterfactual pass, same factual accuracy
+    np.testing.assert_allclose(mt['logp_cf'], logp_cf, rtol=0, atol=1e-6)
+    assert float(mt['acc_m']) == float(m['acc_m'])
+    want = float(m['acc_m']) if tau == 0 else float(np.mean(np.argmin(logp_cf, 1) == y))
+    assert float(mt['acc_m_debiased']) == pytest.approx(want, abs=1e-7)
 
 
 def _steps(config, n=3):
