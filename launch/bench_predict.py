@@ -1,6 +1,8 @@
 """Time prediction with a trained run: loading, first call, one utterance, a batch of 256.
 
   python launch/bench_predict.py WORKDIR [--single 100] [--batch 256] [--repeats 5]
+  python launch/bench_predict.py WORKDIR --buckets 256     # the batch as one padded program
+  python launch/bench_predict.py WORKDIR --buckets 1,8,32  # ... in chunks of 32
 
 Runs two fresh processes one after the other, sharing a persistent XLA cache that starts
 empty (a new temporary folder, or --cache_dir): the first compiles, the second should load
@@ -8,8 +10,9 @@ the compiled programs. Each process builds cider_jax.Predictor(WORKDIR), then ti
 call on one utterance (compilation or cache load included), --single more calls of one
 utterance each and a batch of --batch utterances (its first call, then --repeats more). Inputs
 are short texts and random features of the run's widths (their values do not change the
-time). Prints one JSON line per process and a summary line with the medians and the
-first-call speed-up of the second process.
+time). --buckets: the Predictor's padded batch sizes (default its own, 1, 8, 64), to compare one
+padded program for the whole batch with chunks of the largest bucket. Prints one JSON line per
+process and a summary line with the medians and the first-call speed-up of the second process.
 """
 import argparse
 import json
@@ -32,7 +35,10 @@ def child(args) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cider_jax import inference  # pylint: disable=g-import-not-at-top
   t_import = time.perf_counter() - t0
-  predictor = inference.Predictor(args.workdir, compilation_cache=args.cache_dir)
+  buckets = (inference.DEFAULT_BUCKETS if not args.buckets
+             else tuple(int(b) for b in args.buckets.split(',')))
+  predictor = inference.Predictor(args.workdir, compilation_cache=args.cache_dir,
+                                  buckets=buckets)
   t_load = time.perf_counter() - t0 - t_import
   (_, La, Lv), (Da, Dv) = predictor.spec.seq_lens, predictor.spec.feature_dims
   rng = np.random.RandomState(0)
@@ -73,6 +79,8 @@ def main() -> int:
   parser.add_argument('--repeats', type=int, default=5, help='timed batch calls after the first')
   parser.add_argument('--cache_dir', default='', help='persistent XLA cache shared by the two '
                       'processes (default: a new temporary folder, removed afterwards)')
+  parser.add_argument('--buckets', default='', help='comma-separated padded batch sizes of the '
+                      'Predictor (default: its own, 1,8,64)')
   parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
@@ -89,6 +97,8 @@ def main() -> int:
       cmd = [sys.executable, os.path.abspath(__file__), args.workdir, '--child',
              '--cache_dir', cache, '--single', str(args.single), '--batch', str(args.batch),
              '--repeats', str(args.repeats)]
+      if args.buckets:
+        cmd += ['--buckets', args.buckets]
       out = subprocess.run(cmd, capture_output=True, text=True)
       if out.returncode:
         print(out.stderr[-3000:], file=sys.stderr)
