@@ -6,14 +6,18 @@
 Each run is `launch/train.py --config CFG --workdir OUT/KERNELS_SEED
 --config.train.seed=SEED --config.model.kernels=KERNELS` plus any flags after `--`, one after
 the other; a run whose `eval/report.json` exists is not run again, so the same command
-continues an interrupted series. Then OUT/summary.json (every run's figures) and
-OUT/summary.md (one row per run, then median and min–max per kernel form and over all runs):
-test Non0_acc_2 (Acc_7 for 7-class) under RMFM with complete input and at 50 % missing,
-factual and debiased, AUILC, the validation τ, the best and the last epoch, the wall time.
+continues an interrupted series. --previous SUMMARY.json (an earlier series' summary.json,
+e.g. one kept in the repository) supplies the runs it holds instead of running them again, so a
+series can be continued on another machine of the same kind. Then OUT/summary.json (every
+run's figures and the machine it ran on) and OUT/summary.md (one row per run, then median and
+min–max per kernel form and over all runs): test Non0_acc_2 (Acc_7 for 7-class) under RMFM
+with complete input and at 50 % missing, factual and debiased, AUILC, the validation τ, the
+best and the last epoch, the wall time.
 """
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -23,6 +27,33 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLUMNS = (('complete_factual', 'complete, factual'), ('complete_debiased', 'complete, debiased'),
            ('rmfm50_factual', '50 % RMFM, factual'), ('rmfm50_debiased', '50 % RMFM, debiased'),
            ('auilc_factual', 'AUILC, factual'), ('auilc_debiased', 'AUILC, debiased'))
+
+
+def machine() -> str:
+  """The CPU model and the cores this process may use, e.g. 'AMD EPYC 9B14, 2 cores'."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return f'{cpu}, {cores} cores'
+
+
+def previous_runs(paths) -> dict:
+  """{(kernels, seed): run record} from earlier summary.json files (later files win)."""
+  out = {}
+  for path in paths:
+    try:
+      with open(path) as f:
+        runs = json.load(f)['runs']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      sys.exit(f'error: --previous {path}: not a summary.json written by launch/seeds.py ({e})')
+    for r in runs:
+      out[(r['kernels'], int(r['seed']))] = r
+  return out
 
 
 def run_figures(workdir: str) -> dict:
@@ -46,6 +77,8 @@ def run_figures(workdir: str) -> dict:
   out['epochs'] = max(r['epoch'] for r in records if 'valid' in r)
   stops = [r['early_stop'] for r in records if 'early_stop' in r]
   out['early_stop'] = stops[-1] if stops else None
+  path = os.path.join(workdir, 'machine')
+  out['machine'] = open(path).read().strip() if os.path.exists(path) else None
   return out
 
 
@@ -75,6 +108,8 @@ def markdown(runs: list, summary: dict) -> str:
   gains = [r['complete_debiased'] - r['complete_factual'] for r in runs]
   lines += ['', f'debiased − factual, complete input: min {min(gains):+.3f}, '
             f'median {statistics.median(gains):+.3f}, max {max(gains):+.3f}']
+  machines = sorted({r.get('machine') or 'not recorded' for r in runs})
+  lines += ['', 'machine: ' + '; '.join(machines)]
   return '\n'.join(lines) + '\n'
 
 
@@ -88,22 +123,33 @@ def main(argv=None):
   parser.add_argument('--kernels', default='native,xla',
                       help='comma-separated model.kernels values (default: %(default)s)')
   parser.add_argument('--out', required=True, help='folder of the runs and the summary')
+  parser.add_argument('--previous', action='append', default=[], metavar='SUMMARY.json',
+                      help="an earlier series' summary.json: its runs are used, not run again "
+                      '(repeatable)')
   parser.add_argument('overrides', nargs='*', help='more launch/train.py flags, after --')
   args = parser.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(',')]
   kernels = args.kernels.split(',')
+  earlier = previous_runs(args.previous)
   os.makedirs(args.out, exist_ok=True)
   runs = []
   for kern in kernels:
     for seed in seeds:
       workdir = os.path.join(args.out, f'{kern}_{seed}')
       done = os.path.join(workdir, 'wall_s')
-      if not os.path.exists(os.path.join(workdir, 'eval', 'report.json')):
+      finished = os.path.exists(os.path.join(workdir, 'eval', 'report.json'))
+      if not finished and (kern, seed) in earlier:
+        runs.append(earlier[(kern, seed)])
+        print(f'  {kern} seed {seed}: from --previous', flush=True)
+        continue
+      if not finished:
         cmd = [sys.executable, os.path.join(ROOT, 'launch', 'train.py'), '--config', args.config,
                '--workdir', workdir, f'--config.train.seed={seed}',
                f'--config.model.kernels={kern}'] + args.overrides
         print(f'[{len(runs) + 1}/{len(seeds) * len(kernels)}] ' + ' '.join(cmd[1:]), flush=True)
         os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, 'machine'), 'w') as f:
+          f.write(machine() + '\n')
         t0 = time.time()
         with open(os.path.join(workdir, 'train.log'), 'w') as log:
           rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)

@@ -50,3 +50,42 @@ def test_run_figures_and_their_distribution(tmp_path):
   text = seeds.markdown(runs, summary)
   assert '| all | 3 | 0.620 (0.600–0.640) | 0.720 (0.700–0.760) |' in text
   assert 'min +0.080, median +0.100, max +0.140' in text
+
+
+def test_previous_summary_supplies_runs_without_running_them(tmp_path, monkeypatch):
+  """A series continued with --previous: a run finished in --out is read from its folder, one
+  that only the earlier summary.json holds is taken from it, and nothing is trained (a training
+  command here fails the test); the machine each ran on is in the summary."""
+  out = tmp_path / 'out'
+  _finished_run(str(out / 'native_1'), 0.6, 0.7)
+  (out / 'native_1' / 'machine').write_text('CPU A, 2 cores\n')
+  earlier = {'runs': [dict(seeds.run_figures(str(out / 'native_1')), kernels='native', seed=2,
+                           wall_s=90.0, complete_debiased=0.8, machine='CPU B, 2 cores'),
+                      dict(seeds.run_figures(str(out / 'native_1')), kernels='native', seed=1,
+                           wall_s=90.0, complete_debiased=0.1)]}   # the folder's run wins
+  prev = tmp_path / 'earlier.json'
+  prev.write_text(json.dumps(earlier))
+
+  def no_training(*a, **k):
+    raise AssertionError(f'a run was started: {a}')
+  monkeypatch.setattr(seeds.subprocess, 'call', no_training)
+  seeds.main(['--seeds', '1,2', '--kernels', 'native', '--out', str(out), '--previous',
+              str(prev)])
+  summary = json.load(open(out / 'summary.json'))
+  got = {(r['seed'], r['complete_debiased'], r['machine']) for r in summary['runs']}
+  assert got == {(1, 0.7, 'CPU A, 2 cores'), (2, 0.8, 'CPU B, 2 cores')}
+  assert summary['summary']['all']['complete_debiased'] == [0.75, 0.7, 0.8]
+  assert 'machine: CPU A, 2 cores; CPU B, 2 cores' in open(out / 'summary.md').read()
+
+
+def test_previous_that_is_not_a_summary_is_one_error_line(tmp_path):
+  bad = tmp_path / 'bad.json'
+  bad.write_text('[1, 2]')
+  with pytest.raises(SystemExit, match='--previous .*bad.json: not a summary.json'):
+    seeds.main(['--seeds', '1', '--out', str(tmp_path / 'o'), '--previous', str(bad)])
+
+
+def test_machine_names_the_cpu_and_the_cores():
+  name = seeds.machine()
+  cores = len(os.sched_getaffinity(0))
+  assert name.endswith(f', {cores} cores') and len(name) > len(f', {cores} cores')
