@@ -8,7 +8,8 @@ Each run is `launch/train.py --config CFG --workdir OUT/KERNELS_SEED
 the other; a run whose `eval/report.json` exists is not run again, so the same command
 continues an interrupted series. --previous SUMMARY.json (an earlier series' summary.json,
 e.g. one kept in the repository) supplies the runs it holds instead of running them again, so a
-series can be continued on another machine of the same kind. Then OUT/summary.json (every
+series can be continued on another machine of the same kind; --summarize_only trains nothing
+and summarises the runs finished so far. Then OUT/summary.json (every
 run's figures and the machine it ran on) and OUT/summary.md (one row per run, then median and
 min–max per kernel form and over all runs): test Non0_acc_2 (Acc_7 for 7-class) under RMFM
 with complete input and at 50 % missing, factual and debiased, AUILC, the validation τ, the
@@ -126,6 +127,8 @@ def main(argv=None):
   parser.add_argument('--previous', action='append', default=[], metavar='SUMMARY.json',
                       help="an earlier series' summary.json: its runs are used, not run again "
                       '(repeatable)')
+  parser.add_argument('--summarize_only', action='store_true',
+                      help='train nothing: summarise the runs finished so far (and --previous)')
   parser.add_argument('overrides', nargs='*', help='more launch/train.py flags, after --')
   args = parser.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(',')]
@@ -141,6 +144,9 @@ def main(argv=None):
       if not finished and (kern, seed) in earlier:
         runs.append(earlier[(kern, seed)])
         print(f'  {kern} seed {seed}: from --previous', flush=True)
+        continue
+      if not finished and args.summarize_only:
+        print(f'  {kern} seed {seed}: not finished ({workdir}), left out', flush=True)
         continue
       if not finished:
         cmd = [sys.executable, os.path.join(ROOT, 'launch', 'train.py'), '--config', args.config,
@@ -164,6 +170,8 @@ def main(argv=None):
       print(f'  {kern} seed {seed}: complete {r["complete_factual"]:.3f} -> '
             f'{r["complete_debiased"]:.3f} (τ {r["tau"]:.1f}), best epoch {r["best_epoch"]} '
             f'of {r["epochs"]}', flush=True)
+  if not runs:
+    sys.exit(f'error: no finished run under {args.out} for these seeds and kernel forms')
   summary = summarize(runs)
   with open(os.path.join(args.out, 'summary.json'), 'w') as f:
     json.dump({'runs': runs, 'summary': summary}, f, indent=1)

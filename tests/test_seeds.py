@@ -89,3 +89,20 @@ def test_machine_names_the_cpu_and_the_cores():
   name = seeds.machine()
   cores = len(os.sched_getaffinity(0))
   assert name.endswith(f', {cores} cores') and len(name) > len(f', {cores} cores')
+
+
+def test_summarize_only_trains_nothing_and_leaves_out_unfinished_runs(tmp_path, monkeypatch,
+                                                                       capsys):
+  out = tmp_path / 'out'
+  _finished_run(str(out / 'native_1'), 0.6, 0.7)
+  os.makedirs(out / 'native_2')   # started, not finished
+
+  def no_training(*a, **k):
+    raise AssertionError(f'a run was started: {a}')
+  monkeypatch.setattr(seeds.subprocess, 'call', no_training)
+  seeds.main(['--seeds', '1,2', '--kernels', 'native', '--out', str(out), '--summarize_only'])
+  assert f'native seed 2: not finished ({out / "native_2"}), left out' in capsys.readouterr().out
+  summary = json.load(open(out / 'summary.json'))
+  assert [r['seed'] for r in summary['runs']] == [1]
+  with pytest.raises(SystemExit, match='no finished run'):
+    seeds.main(['--seeds', '3', '--kernels', 'native', '--out', str(out), '--summarize_only'])
