@@ -31,12 +31,17 @@ COLUMNS = (('complete_factual', 'complete, factual'), ('complete_debiased', 'com
 
 
 def machine() -> str:
-  """The CPU model and the cores this process may use, e.g. 'AMD EPYC 9B14, 2 cores'."""
+  """The CPU model, its wide vector and matrix extensions, and the cores this process may use,
+  e.g. 'AMD EPYC (avx512f, avx512_bf16), 2 cores'."""
   cpu = platform.processor() or platform.machine()
   try:
     with open('/proc/cpuinfo') as f:
-      names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
-    cpu = names[0] if names else cpu
+      lines = f.read().splitlines()
+    names = [l.split(':', 1)[1].strip() for l in lines if l.startswith('model name')]
+    flags = next((l.split(':', 1)[1].split() for l in lines if l.startswith('flags')), [])
+    wide = [x for x in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if x in flags]
+    wide = [x for x in wide if not (x == 'avx2' and 'avx512f' in wide)]
+    cpu = (names[0] if names else cpu) + (f' ({", ".join(wide)})' if wide else '')
   except OSError:
     pass
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
